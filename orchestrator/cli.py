@@ -1,0 +1,66 @@
+"""The labctl command line: argument parsing, output format, and one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from orchestrator import __version__
+from orchestrator.errors import LabctlError
+
+log = logging.getLogger("orchestrator")
+
+
+def _add_output(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", "-o", choices=("table", "json"), default="table",
+                        help="print a table (default) or JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from orchestrator.commands import (
+        apply_cmd, host_cmd, identity_cmd, image_cmd, inventory_cmd, ssh_cmd,
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="labctl",
+        description="Pools of lab desktops on libvirt/QEMU: full, linked and instant clones "
+        "of golden images, each with its own identity.",
+    )
+    parser.add_argument("--version", action="version", version=f"labctl {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log INFO (-v) or DEBUG (-vv) messages to stderr")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    host_cmd.register(commands, _add_output)
+    image_cmd.register(commands, _add_output)
+    identity_cmd.register(commands, _add_output)
+    inventory_cmd.register(commands, _add_output)
+    apply_cmd.register(commands, _add_output)
+    ssh_cmd.register(commands, _add_output)
+    return parser
+
+
+def _configure_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if verbosity < 2:
+        logging.getLogger("paramiko").setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        return int(args.handler(args) or 0)
+    except LabctlError as exc:
+        print(f"labctl: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("labctl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

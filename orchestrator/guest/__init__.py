@@ -1,0 +1,1 @@
+"""Talking to guests: the QEMU guest agent and SSH."""

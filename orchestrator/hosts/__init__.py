@@ -1,0 +1,1 @@
+"""libvirt hosts: connections, accelerator probing and host facts."""

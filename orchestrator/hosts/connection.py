@@ -1,0 +1,72 @@
+"""The one place that opens libvirt connections.
+
+libvirt prints its errors to stderr from a default handler; labctl turns them into
+``HostError`` instead, so the handler is replaced once here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+
+import libvirt
+
+from orchestrator.errors import HostError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URI = "qemu:///system"
+
+_handler_installed = False
+_lock = threading.Lock()
+
+
+def _ignore_libvirt_error(_ctx: object, _err: object) -> None:
+    """Drop libvirt's default stderr print; the exception raised carries the message."""
+
+
+def _install_error_handler() -> None:
+    global _handler_installed
+    with _lock:
+        if not _handler_installed:
+            libvirt.registerErrorHandler(_ignore_libvirt_error, None)
+            _handler_installed = True
+
+
+def open_connection(uri: str = DEFAULT_URI, *, read_only: bool = False) -> libvirt.virConnect:
+    """Open a libvirt connection to ``uri`` or raise a HostError naming the URI."""
+    _install_error_handler()
+    log.debug("opening libvirt connection %s", uri)
+    try:
+        conn = libvirt.openReadOnly(uri) if read_only else libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        raise HostError(
+            f"cannot connect to libvirt: {exc.get_error_message()}",
+            where=uri,
+            fix="check that libvirtd runs there (scripts/host-setup starts it locally) "
+            "and that the URI is right",
+        ) from exc
+    if conn is None:
+        raise HostError("cannot connect to libvirt", where=uri)
+    return conn
+
+
+@contextlib.contextmanager
+def connection(uri: str = DEFAULT_URI, *, read_only: bool = False) -> Iterator[libvirt.virConnect]:
+    """Open a connection for the ``with`` block and close it afterwards."""
+    conn = open_connection(uri, read_only=read_only)
+    try:
+        yield conn
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
+
+
+def is_local(uri: str) -> bool:
+    """Return whether ``uri`` names the libvirtd on this machine (no host part)."""
+    scheme, _, rest = uri.partition("://")
+    if "+" in scheme and not scheme.endswith("+unix"):
+        return False
+    return rest.startswith("/") or rest == ""

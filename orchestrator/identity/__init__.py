@@ -1,0 +1,1 @@
+"""Desktop identity: generated values, the registry of identity operations, the seed."""

@@ -1,0 +1,1 @@
+"""Golden images: building them from Debian packages, importing users' images, the catalog."""

@@ -1,0 +1,58 @@
+"""How results reach the terminal: rich tables, plain progress lines or JSON lines."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from collections.abc import Iterable, Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+_lock = threading.Lock()
+
+
+def console(stderr: bool = False) -> Console:
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def print_table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    table = Table(title=title, show_lines=False, header_style="bold")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("" if cell is None else str(cell) for cell in row))
+    console().print(table)
+
+
+def print_json(data: object) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+class EventPrinter:
+    """Prints one line per desktop step, or one JSON object per line with ``json_lines``."""
+
+    def __init__(self, json_lines: bool = False):
+        self.json_lines = json_lines
+        self.started = time.monotonic()
+
+    def __call__(self, desktop: str, step: str, status: str) -> None:
+        elapsed = time.monotonic() - self.started
+        with _lock:
+            if self.json_lines:
+                event = {"time": round(elapsed, 3), "desktop": desktop, "step": step,
+                         "status": status}
+                sys.stdout.write(json.dumps(event) + "\n")
+            else:
+                sys.stdout.write(f"[{elapsed:7.1f}s] {desktop:<16} {step:<10} {status}\n")
+            sys.stdout.flush()

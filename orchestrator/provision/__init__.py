@@ -1,0 +1,1 @@
+"""Provisioning desktops: full and linked clones as sequences of undoable steps."""

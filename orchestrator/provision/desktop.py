@@ -1,0 +1,289 @@
+"""Full and linked clones: from a DesktopRequest to a defined, started, verified domain."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import libvirt
+
+from orchestrator.domain import (
+    DirectBoot, Disk, DiskLayer, DomainSpec, Interface, UserNetwork, render_domain,
+)
+from orchestrator.errors import ConflictError
+from orchestrator.hosts.context import HostContext
+from orchestrator.identity import keys
+from orchestrator.identity.desktop import DesktopIdentity, UserAccount, build_seed, new_uuid
+from orchestrator.provision import readiness
+from orchestrator.provision.request import DesktopRequest
+from orchestrator.provision.steps import EventSink, Step, run_steps
+from orchestrator.state import metadata
+from orchestrator.state.metadata import DesktopRecord
+from orchestrator.storage import pool as volumes
+from orchestrator.storage.replica import Replica, ensure_replica
+
+log = logging.getLogger(__name__)
+
+
+def os_volume_name(desktop: str) -> str:
+    return f"labctl-{desktop}-os.qcow2"
+
+
+def seed_volume_name(desktop: str) -> str:
+    return f"labctl-{desktop}-seed.iso"
+
+
+def console_log_path(desktop: str) -> str:
+    return f"/var/log/libvirt/qemu/{desktop}-console.log"
+
+
+@dataclass
+class Provisioning:
+    """State shared by the steps of one desktop's provisioning."""
+
+    ctx: HostContext
+    request: DesktopRequest
+    access_key: keys.KeyPair
+    on_event: EventSink
+    replica: Replica | None = None
+    identity: DesktopIdentity | None = None
+    ssh_port: int = 0
+    os_disk: str = ""
+    seed: str = ""
+    domain: libvirt.virDomain | None = None
+    record: DesktopRecord | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def steps(self) -> list[Step]:
+        return [
+            Step("check", self.check_name),
+            Step("replica", self.ensure_replica),
+            Step("identity", self.make_identity),
+            Step("os-disk", self.create_os_disk, self.remove_os_disk),
+            Step("seed", self.create_seed, self.remove_seed),
+            Step("define", self.define, self.undefine),
+            Step("start", self.start, self.stop),
+            Step("ready", self.wait_ready),
+            Step("record", self.record_ready),
+        ]
+
+    def run(self) -> DesktopRecord:
+        started = time.monotonic()
+        run_steps(self.request.name, self.steps(), self.on_event)
+        self.timings["total"] = time.monotonic() - started
+        assert self.record is not None
+        return self.record
+
+    # -- steps ---------------------------------------------------------------------
+
+    def check_name(self) -> None:
+        _refuse_existing_domain(self.ctx, self.request.name)
+        # With no domain of that name, labctl-named volumes of this desktop are
+        # leftovers of an interrupted run: adopt them by removing them.
+        for name in (os_volume_name(self.request.name), seed_volume_name(self.request.name)):
+            if volumes.delete(self.ctx.pool, name):
+                log.info("%s: removed leftover volume %s", self.request.name, name)
+
+    def ensure_replica(self) -> None:
+        started = time.monotonic()
+        self.replica = ensure_replica(self.ctx.pool, self.request.image)
+        self.timings["replica"] = time.monotonic() - started
+
+    def make_identity(self) -> None:
+        request = self.request
+        users = tuple(
+            UserAccount(
+                name=user.name,
+                ssh_authorized_keys=tuple(user.ssh_authorized_keys) + (self.access_key.public,),
+                password_hash=user.password_hash,
+                sudo=user.sudo,
+                shell=user.shell,
+            )
+            for user in request.users
+        )
+        self.identity = DesktopIdentity(
+            name=request.name,
+            hostname=request.hostname or request.name,
+            fqdn=request.fqdn,
+            uuid=new_uuid(),
+            genid=new_uuid(),
+            mac=self.ctx.allocator.mac(),
+            generation=1,
+            ssh_host_key=keys.generate_ed25519(f"root@{request.name}"),
+            users=users,
+            timezone=request.timezone,
+            run_once=request.run_once,
+            root_authorized_keys=(self.access_key.public,),
+        )
+        if request.network.mode == "user":
+            self.ssh_port = self.ctx.allocator.ssh_port()
+
+    def create_os_disk(self) -> None:
+        started = time.monotonic()
+        assert self.replica is not None
+        name = os_volume_name(self.request.name)
+        if self.request.clone == "linked":
+            volume = volumes.create_overlay(self.ctx.pool, name, self.replica.disk,
+                                            self.request.disk_size)
+        else:
+            source = self.ctx.pool.storageVolLookupByPath(self.replica.disk.path)
+            volume = volumes.clone_volume(self.ctx.pool, name, source, self.request.disk_size)
+        self.os_disk = volume.path()
+        self.timings["storage"] = time.monotonic() - started
+
+    def remove_os_disk(self) -> None:
+        volumes.delete(self.ctx.pool, os_volume_name(self.request.name))
+
+    def create_seed(self) -> None:
+        started = time.monotonic()
+        assert self.identity is not None
+        name = seed_volume_name(self.request.name)
+        data = build_seed(self.identity).to_iso()
+        self.seed = volumes.upload_bytes(self.ctx.pool, name, data, mode="0600").path()
+        self.timings["storage"] += time.monotonic() - started
+
+    def remove_seed(self) -> None:
+        volumes.delete(self.ctx.pool, seed_volume_name(self.request.name))
+
+    def define(self) -> None:
+        started = time.monotonic()
+        self.record = self.build_record()
+        xml = render_domain(self.domain_spec(self.record))
+        log.debug("%s: domain XML\n%s", self.request.name, xml)
+        self.domain = self.ctx.conn.defineXML(xml)
+        self.timings["define"] = time.monotonic() - started
+
+    def undefine(self) -> None:
+        if self.domain is None:
+            return
+        with contextlib.suppress(libvirt.libvirtError):
+            if self.domain.isActive():
+                self.domain.destroy()
+        self.domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+
+    def start(self) -> None:
+        started = time.monotonic()
+        assert self.domain is not None
+        self.domain.create()
+        self.timings["start"] = time.monotonic() - started
+
+    def stop(self) -> None:
+        if self.domain is not None and self.domain.isActive():
+            self.domain.destroy()
+
+    def wait_ready(self) -> None:
+        assert self.domain is not None and self.identity is not None
+        expected = readiness.Expected(
+            hostname=self.identity.hostname,
+            machine_id=self.identity.machine_id,
+            ssh_address="127.0.0.1",
+            ssh_port=self.ssh_port or 22,
+            login_user=self.request.login_user,
+            host_key=self.identity.ssh_host_key.public,
+        )
+        if self.request.network.mode != "user":
+            address = readiness.guest_address(self.domain, self.identity.mac,
+                                              timeout=self.request.ready_timeout)
+            expected = readiness.Expected(**{**expected.__dict__, "ssh_address": address})
+        result = readiness.wait_ready(self.domain, expected, self.access_key.private,
+                                      timeout=self.request.ready_timeout)
+        self.timings["boot_to_ready"] = result.total
+        self.timings["agent"] = result.agent_seconds
+
+    def record_ready(self) -> None:
+        assert self.domain is not None and self.record is not None
+        self.record.state = "ready"
+        self.record.ready_seconds = round(
+            sum(self.timings.get(key, 0.0) for key in ("storage", "define", "start",
+                                                       "boot_to_ready")), 2)
+        metadata.write(self.domain, self.record)
+
+    # -- helpers -------------------------------------------------------------------
+
+    def build_record(self) -> DesktopRecord:
+        request, identity = self.request, self.identity
+        assert identity is not None
+        return DesktopRecord(
+            inventory=request.inventory,
+            pool=request.pool,
+            index=request.index,
+            clone=request.clone,
+            image=request.image.ref,
+            host=request.host,
+            hostname=identity.hostname,
+            fqdn=identity.fqdn,
+            machine_id=identity.machine_id,
+            mac=identity.mac,
+            disk=self.os_disk,
+            seed=self.seed,
+            network=request.network.name,
+            ssh_port=self.ssh_port,
+            generation=identity.generation,
+            state="provisioning",
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            config_hash=request.config_hash(),
+            extra={
+                "ssh_host_key": identity.ssh_host_key.public,
+                "login_user": request.login_user,
+                "hardware_hash": request.hardware_hash(),
+                "network_mode": request.network.mode,
+            },
+        )
+
+    def domain_spec(self, record: DesktopRecord) -> DomainSpec:
+        request, identity, replica = self.request, self.identity, self.replica
+        assert identity is not None and replica is not None
+        disks = (
+            Disk(self.os_disk, "qcow2", "vda",
+                 backing=(replica.disk,) if request.clone == "linked" else ()),
+            Disk(self.seed, "raw", "vdb", readonly=True, serial="labctl-seed"),
+        )
+        boot = None
+        if request.image.boot:
+            boot = DirectBoot(replica.kernel, replica.initrd, request.image.boot.cmdline)
+        interfaces: tuple[Interface, ...] = ()
+        user_network = None
+        if request.network.mode == "user":
+            user_network = UserNetwork(identity.mac, self.ssh_port)
+        else:
+            interfaces = (Interface(request.network.mode, request.network.source, identity.mac),)
+        return DomainSpec(
+            name=request.name,
+            uuid=identity.uuid,
+            genid=identity.genid,
+            title=f"{request.pool} desktop {request.index} ({request.inventory})",
+            domain_type=self.ctx.domain_type,
+            memory_kib=request.memory_bytes // 1024,
+            vcpus=request.vcpus,
+            disks=disks,
+            metadata_xml=metadata.to_xml(record),
+            boot=boot,
+            interfaces=interfaces,
+            user_network=user_network,
+            console_log=console_log_path(request.name),
+            agent=request.image.agent,
+            emulator=self.ctx.emulator,
+        )
+
+
+def _refuse_existing_domain(ctx: HostContext, name: str) -> None:
+    try:
+        ctx.conn.lookupByName(name)
+    except libvirt.libvirtError:
+        return
+    raise ConflictError(
+        f"a domain named {name} already exists", where=ctx.settings.uri,
+        fix="rename the pool's desktops or remove that domain yourself",
+    )
+
+
+def provision(ctx: HostContext, request: DesktopRequest, access_key: keys.KeyPair,
+              on_event: EventSink) -> tuple[DesktopRecord, dict[str, float]]:
+    """Provision one desktop under the host's provisioning throttle."""
+    with ctx.provisioning:
+        job = Provisioning(ctx, request, access_key, on_event)
+        record = job.run()
+    return record, job.timings

@@ -1,0 +1,60 @@
+"""Removing desktops: only domains carrying labctl metadata, and only their own volumes."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import libvirt
+
+from orchestrator.errors import ConflictError, StorageError
+from orchestrator.hosts.context import HostContext
+from orchestrator.provision.desktop import os_volume_name, seed_volume_name
+from orchestrator.provision.steps import EventSink
+from orchestrator.state import metadata
+from orchestrator.storage import pool as volumes
+
+log = logging.getLogger(__name__)
+
+
+def remove_desktop(ctx: HostContext, domain: libvirt.virDomain, inventory: str,
+                   on_event: EventSink) -> None:
+    """Destroy and undefine ``domain`` and delete its OS disk and seed.
+
+    Refuses a domain without labctl metadata or belonging to another inventory, and
+    deletes a volume only if its path is the one recorded in the metadata and its name
+    is labctl's name for that desktop.
+    """
+    name = domain.name()
+    record = metadata.read(domain)
+    if record is None or record.inventory != inventory:
+        owner = "no labctl metadata" if record is None else f"inventory {record.inventory}"
+        raise ConflictError(f"domain {name} is not part of inventory {inventory} ({owner})",
+                            where=ctx.settings.uri, fix="labctl removes only what it created")
+    on_event(name, "remove", "start")
+    if domain.isActive():
+        with contextlib.suppress(libvirt.libvirtError):
+            domain.destroy()
+    with contextlib.suppress(libvirt.libvirtError):
+        domain.managedSaveRemove(0)
+    domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+                         | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+    pool = ctx.existing_pool()
+    for volume_name, recorded in ((os_volume_name(name), record.disk),
+                                  (seed_volume_name(name), record.seed)):
+        _delete_own_volume(pool, volume_name, recorded)
+    on_event(name, "remove", "done")
+
+
+def _delete_own_volume(pool: libvirt.virStoragePool | None, volume_name: str,
+                       recorded_path: str) -> None:
+    if not recorded_path:
+        return
+    if os.path.basename(recorded_path) != volume_name:
+        log.warning("not deleting %s: its name is not labctl's %s", recorded_path, volume_name)
+        return
+    if pool is None:
+        raise StorageError(f"storage pool for {recorded_path} is gone",
+                           fix="delete the file by hand if you no longer need it")
+    volumes.delete(pool, volume_name)

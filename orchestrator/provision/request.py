@@ -1,0 +1,68 @@
+"""What one desktop should be: the input of provisioning, built from the inventory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from orchestrator.identity.desktop import UserAccount
+from orchestrator.images.catalog import ImageVersion
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """``mode`` user (restricted QEMU user networking, SSH on 127.0.0.1), network or bridge."""
+
+    name: str = "user"
+    mode: str = "user"
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class DesktopRequest:
+    name: str
+    inventory: str
+    pool: str
+    index: int
+    clone: str
+    image: ImageVersion
+    host: str
+    vcpus: int = 1
+    memory_bytes: int = 512 << 20
+    disk_bytes: int = 0
+    network: NetworkSpec = field(default_factory=NetworkSpec)
+    hostname: str = ""
+    domain: str = ""
+    users: tuple[UserAccount, ...] = ()
+    timezone: str = ""
+    run_once: tuple[str, ...] = ()
+    ready_timeout: float = 900.0
+
+    @property
+    def fqdn(self) -> str:
+        host = self.hostname or self.name
+        return f"{host}.{self.domain}" if self.domain else host
+
+    @property
+    def disk_size(self) -> int:
+        return max(self.disk_bytes, self.image.virtual_size)
+
+    @property
+    def login_user(self) -> str:
+        """The account ``labctl ssh`` and the readiness check log in as."""
+        if self.image.identity == "labctl-seed" or not self.users:
+            return "root"
+        return self.users[0].name
+
+    def config_hash(self) -> str:
+        """Hash of everything that, when changed, makes the desktop out of date."""
+        data = asdict(self)
+        data["image"] = self.image.ref
+        for volatile in ("name", "index", "ready_timeout"):
+            data.pop(volatile)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def hardware_hash(self) -> str:
+        data = {"vcpus": self.vcpus, "memory": self.memory_bytes}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,101 @@
+"""Desktop facts stored in each domain's <metadata> under labctl's XML namespace.
+
+libvirt is the record of truth: ``labctl status`` reads these elements back, so it
+works after a restart, from another directory or another machine pointed at the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+
+import libvirt
+
+NAMESPACE = "urn:labctl:desktop:1"
+PREFIX = "labctl"
+ROOT = "desktop"
+
+
+@dataclass
+class DesktopRecord:
+    """What labctl knows about one desktop, stored with its domain."""
+
+    inventory: str
+    pool: str
+    index: int
+    clone: str
+    image: str
+    host: str
+    hostname: str
+    fqdn: str
+    machine_id: str
+    mac: str
+    disk: str
+    seed: str = ""
+    network: str = ""
+    ssh_port: int = 0
+    generation: int = 1
+    state: str = "provisioning"
+    created: str = ""
+    ready_seconds: float = 0.0
+    config_hash: str = ""
+    user: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(DesktopRecord) if f.name != "extra"}
+
+
+def to_xml(record: DesktopRecord) -> str:
+    """Serialize ``record`` as the element libvirt stores (namespace declared on the root)."""
+    root = ET.Element(ROOT, {"xmlns": NAMESPACE})
+    for name in _FIELDS:
+        child = ET.SubElement(root, name)
+        child.text = str(getattr(record, name))
+    for key, value in sorted(record.extra.items()):
+        ET.SubElement(root, "extra", {"key": key}).text = value
+    return ET.tostring(root, encoding="unicode")
+
+
+def from_xml(text: str) -> DesktopRecord:
+    """Parse the element written by ``to_xml``; unknown children are ignored."""
+    root = ET.fromstring(text)
+    values: dict[str, object] = {}
+    extra: dict[str, str] = {}
+    for child in root:
+        tag = child.tag.split("}", 1)[-1]
+        if tag == "extra":
+            extra[child.get("key", "")] = child.text or ""
+        elif tag in _FIELDS:
+            values[tag] = _convert(_FIELDS[tag], child.text or "")
+    return DesktopRecord(**values, extra=extra)  # type: ignore[arg-type]
+
+
+def _convert(spec: dataclasses.Field, text: str) -> object:
+    if spec.type in ("int", int):
+        return int(text or 0)
+    if spec.type in ("float", float):
+        return float(text or 0)
+    return text
+
+
+def read(domain: libvirt.virDomain) -> DesktopRecord | None:
+    """Return the record stored in ``domain`` or None if labctl did not create it."""
+    try:
+        text = domain.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NAMESPACE, 0)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+            return None
+        raise
+    return from_xml(text)
+
+
+def write(domain: libvirt.virDomain, record: DesktopRecord) -> None:
+    """Replace the stored record in both the live and the persistent definition."""
+    flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+    if domain.isActive():
+        flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+    domain.setMetadata(
+        libvirt.VIR_DOMAIN_METADATA_ELEMENT, to_xml(record), PREFIX, NAMESPACE, flags
+    )

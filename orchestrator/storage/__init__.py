@@ -1,0 +1,1 @@
+"""Disks: qemu-img, replicas, overlays, full copies and identity seeds."""

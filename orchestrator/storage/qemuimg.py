@@ -1,0 +1,107 @@
+"""qemu-img through argv lists, with its ``--output=json`` parsed (never its human text)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.errors import ImageError
+
+log = logging.getLogger(__name__)
+
+QEMU_IMG = "qemu-img"
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """One layer of an image as ``qemu-img info`` reports it."""
+
+    path: str
+    format: str
+    virtual_size: int
+    actual_size: int
+    backing_file: str | None
+    backing_format: str | None
+
+
+def _run(argv: list[str], *, what: str, path: str) -> str:
+    log.debug("running %s", argv)
+    try:
+        result = subprocess.run(argv, check=True, capture_output=True, text=True)
+    except FileNotFoundError as exc:
+        raise ImageError(
+            "qemu-img is not installed", fix="install qemu-utils (scripts/host-setup does)"
+        ) from exc
+    except subprocess.CalledProcessError as exc:
+        detail = (exc.stderr or exc.stdout or "").strip().splitlines()
+        reason = detail[-1] if detail else f"exit code {exc.returncode}"
+        raise ImageError(f"{what} failed: {reason}", where=path) from exc
+    return result.stdout
+
+
+def _layer(entry: dict) -> ImageInfo:
+    return ImageInfo(
+        path=entry["filename"],
+        format=entry["format"],
+        virtual_size=int(entry["virtual-size"]),
+        actual_size=int(entry.get("actual-size", 0)),
+        backing_file=entry.get("full-backing-filename") or entry.get("backing-filename"),
+        backing_format=entry.get("backing-filename-format"),
+    )
+
+
+def backing_chain(path: str | Path) -> list[ImageInfo]:
+    """Return the chain from ``path`` down to its base, raising ImageError if any layer is bad.
+
+    A missing file, an unreadable or corrupt header and a missing backing file are all
+    reported with the path and qemu-img's own reason.
+    """
+    path = str(path)
+    if not Path(path).exists():
+        raise ImageError("image file not found", where=path, fix="check the path")
+    out = _run(
+        [QEMU_IMG, "info", "--output=json", "--backing-chain", "-U", path],
+        what="reading the image (qemu-img info)",
+        path=path,
+    )
+    entries = json.loads(out)
+    if isinstance(entries, dict):
+        entries = [entries]
+    return [_layer(entry) for entry in entries]
+
+
+def info(path: str | Path) -> ImageInfo:
+    """Return the top layer of ``path`` after checking its whole backing chain."""
+    return backing_chain(path)[0]
+
+
+def check(path: str | Path) -> None:
+    """Run ``qemu-img check`` on a qcow2 image; raise ImageError if it reports corruption."""
+    path = str(path)
+    _run([QEMU_IMG, "check", "-q", "-U", path], what="checking the image (qemu-img check)", path=path)
+
+
+def convert(src: str | Path, dst: str | Path, *, src_format: str, dst_format: str = "qcow2",
+            compress: bool = False) -> None:
+    """Write ``src`` into a new standalone image ``dst`` (no backing file)."""
+    argv = [QEMU_IMG, "convert", "-f", src_format, "-O", dst_format]
+    if compress:
+        argv.append("-c")
+    argv += [str(src), str(dst)]
+    _run(argv, what="converting the image (qemu-img convert)", path=str(src))
+
+
+def create_overlay(path: str | Path, backing: str | Path, backing_format: str,
+                   size: int | None = None) -> None:
+    """Create a qcow2 overlay at ``path`` on an absolute ``backing`` with its format recorded."""
+    backing = Path(backing)
+    if not backing.is_absolute():
+        raise ValueError(f"backing path must be absolute, got {backing}")
+    argv = [QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", backing_format,
+            str(path)]
+    if size is not None:
+        argv.append(str(size))
+    _run(argv, what="creating the overlay (qemu-img create)", path=str(path))

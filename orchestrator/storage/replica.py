@@ -1,0 +1,123 @@
+"""Replicas: one read-only copy of each image version per storage pool, shared by overlays.
+
+Names are content-addressed (``labctl-replica-VERSION.FORMAT``), so every run and
+every inventory on the host finds the same replica. A small ``.complete`` marker
+volume is written after the upload finishes: a replica without it is the leftover of
+an interrupted upload and is uploaded again.
+"""
+
+from __future__ import annotations
+
+import logging
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+
+import libvirt
+
+from orchestrator.domain import DiskLayer
+from orchestrator.errors import StorageError
+from orchestrator.images.catalog import ImageVersion
+from orchestrator.storage import pool as volumes
+
+log = logging.getLogger(__name__)
+
+PREFIX = "labctl-replica-"
+
+
+@dataclass(frozen=True)
+class Replica:
+    disk: DiskLayer
+    kernel: str = ""
+    initrd: str = ""
+
+
+def _names(image: ImageVersion) -> dict[str, str]:
+    base = f"{PREFIX}{image.version}"
+    names = {"disk": f"{base}.{image.format}", "marker": f"{base}.complete"}
+    if image.boot:
+        names["kernel"] = f"{base}.kernel"
+        names["initrd"] = f"{base}.initrd"
+    return names
+
+
+def ensure_replica(pool: libvirt.virStoragePool, image: ImageVersion) -> Replica:
+    """Return the replica of ``image`` in ``pool``, uploading it once if it is missing."""
+    names = _names(image)
+    if volumes.find_volume(pool, names["marker"]) is None:
+        _upload(pool, image, names)
+    disk = volumes.find_volume(pool, names["disk"])
+    if disk is None:
+        raise StorageError(
+            f"replica {names['disk']} vanished from the storage pool", where=pool.name(),
+            fix="run labctl apply again to upload it",
+        )
+    kernel = initrd = ""
+    if image.boot:
+        kernel = pool.storageVolLookupByName(names["kernel"]).path()
+        initrd = pool.storageVolLookupByName(names["initrd"]).path()
+    return Replica(DiskLayer(disk.path(), image.format), kernel, initrd)
+
+
+def _upload(pool: libvirt.virStoragePool, image: ImageVersion, names: dict[str, str]) -> None:
+    log.info("uploading replica of %s into storage pool %s", image.ref, pool.name())
+    for role in ("disk", "kernel", "initrd"):
+        if role in names:
+            volumes.delete(pool, names[role])  # leftovers of an interrupted upload
+    volumes.upload(pool, names["disk"], image.directory / image.disk.rsplit("/", 1)[-1],
+                   image.format, capacity=image.virtual_size, mode="0444")
+    if image.boot:
+        for role, file_name in (("kernel", image.boot.kernel), ("initrd", image.boot.initrd)):
+            source = image.boot_path(file_name)
+            volumes.upload(pool, names[role], source, "raw", capacity=source.stat().st_size,
+                           mode="0444")
+    volumes.upload_bytes(pool, names["marker"], image.sha256.encode(), mode="0444")
+
+
+def replica_users(conn: libvirt.virConnect, pool: libvirt.virStoragePool,
+                  replica_path: str) -> list[str]:
+    """Return the domains and volumes whose disks are backed by ``replica_path``."""
+    users = []
+    for domain in conn.listAllDomains(0):
+        try:
+            root = ET.fromstring(domain.XMLDesc(0))
+        except libvirt.libvirtError:
+            continue
+        sources = {source.get("file") for source in root.iter("source")}
+        sources |= {root.findtext("os/kernel"), root.findtext("os/initrd")}
+        if replica_path in sources:
+            users.append(f"domain {domain.name()}")
+    pool.refresh(0)
+    for volume in pool.listAllVolumes(0):
+        backing = ET.fromstring(volume.XMLDesc(0)).findtext("backingStore/path")
+        if backing == replica_path:
+            users.append(f"volume {volume.name()}")
+    return users
+
+
+def remove_unused(pool: libvirt.virStoragePool) -> list[str]:
+    """Delete replicas no domain or volume uses any more; return the removed volume names."""
+    conn = pool.connect()
+    removed = []
+    with volumes.pool_lock(pool):
+        pool.refresh(0)
+        markers = [v.name() for v in pool.listAllVolumes(0)
+                   if v.name().startswith(PREFIX) and v.name().endswith(".complete")]
+    for marker in markers:
+        base = marker[: -len(".complete")]
+        disks = [v for v in pool.listAllVolumes(0)
+                 if v.name().startswith(base + ".") and v.name() != marker]
+        disk_paths = [v.path() for v in disks
+                      if not v.name().endswith((".kernel", ".initrd"))]
+        in_use = [user for path in disk_paths for user in replica_users(conn, pool, path)]
+        kernel_users = [user for v in disks if v.name().endswith((".kernel", ".initrd"))
+                        for user in replica_users(conn, pool, v.path())]
+        if in_use or kernel_users:
+            continue
+        # The marker goes first, so an interruption leaves an incomplete replica, which
+        # the next upload replaces, never a marker without its disk.
+        volumes.delete(pool, marker)
+        for volume in disks:
+            volumes.delete(pool, volume.name())
+            removed.append(volume.name())
+        log.info("removed unused replica %s", base)
+    return removed
