@@ -60,7 +60,9 @@ class UserNetwork:
         netdev = f"user,id={self.netdev_id},restrict=on,ipv6=off"
         if self.ssh_port:
             netdev += f",hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22"
-        device = f"virtio-net-pci,netdev={self.netdev_id},mac={self.mac}"
+        # An explicit slot: QEMU would otherwise place this device on the first free
+        # slot before libvirt's own devices take theirs, and the start fails.
+        device = f"virtio-net-pci,netdev={self.netdev_id},mac={self.mac},bus=pci.0,addr=0x1e"
         return ["-netdev", netdev, "-device", device]
 
 

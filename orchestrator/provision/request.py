@@ -59,7 +59,8 @@ class DesktopRequest:
         """Hash of everything that, when changed, makes the desktop out of date."""
         data = asdict(self)
         data["image"] = self.image.ref
-        for volatile in ("name", "index", "ready_timeout"):
+        # Hardware changes are applied in place (see hardware_hash), not by re-creating.
+        for volatile in ("name", "index", "ready_timeout", "vcpus", "memory_bytes"):
             data.pop(volatile)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
