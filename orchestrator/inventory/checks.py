@@ -1,0 +1,145 @@
+"""Checks that span more than one value: key names, references, desktop names and hostnames."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orchestrator.errors import InventoryError
+from orchestrator.inventory.fields import KEY_RE, KEY_RULE
+from orchestrator.inventory.messages import did_you_mean, join_choices, quote
+from orchestrator.inventory.model import DEFAULT_HOST, Inventory, Pool
+from orchestrator.inventory.naming import (
+    FQDN_MAX,
+    HOSTNAME_MAX,
+    HOSTNAME_RE,
+    expand_hostname,
+    expand_names,
+)
+from orchestrator.inventory.positions import YamlMap
+
+KEYED_SECTIONS = {"hosts": "host", "images": "image", "networks": "network", "pools": "pool"}
+# Desktops of all pools together; far above a classroom, low enough to expand names quickly.
+MAX_DESKTOPS = 100_000
+
+
+def check_section_keys(document: YamlMap) -> None:
+    """Raise unless every key under hosts, images, networks and pools is a valid name."""
+    for section, singular in KEYED_SECTIONS.items():
+        entries = document.get(section)
+        if not isinstance(entries, YamlMap):
+            continue
+        for key in entries:
+            if not KEY_RE.fullmatch(key):
+                raise InventoryError(
+                    f"{section}: invalid {singular} name {quote(key)}",
+                    where=str(entries.mark_of(key)),
+                    fix=f"use {KEY_RULE}",
+                )
+
+
+def check_defaults_keys(defaults: YamlMap) -> None:
+    """Raise on a key of ``defaults:`` that no pool has (it would otherwise go unnoticed)."""
+    allowed = list(Pool.model_fields)
+    for key in defaults:
+        if key not in allowed:
+            hint = did_you_mean(key, allowed)
+            raise InventoryError(
+                f"defaults: unknown key {quote(key)}",
+                where=str(defaults.mark_of(key)),
+                fix=hint or f"defaults take pool keys: {', '.join(allowed)}",
+            )
+
+
+def check_inventory(inventory: Inventory) -> None:
+    """Raise on a pool that names a missing host, image or network, or on clashing names."""
+    for name, pool in inventory.pools.items():
+        _check_reference(inventory, name, "image", pool.image, inventory.images)
+        _check_reference(inventory, name, "host", pool.host, inventory.hosts)
+        if pool.network is not None:
+            _check_reference(inventory, name, "network", pool.network, inventory.networks)
+    total = sum(pool.size for pool in inventory.pools.values())
+    if total > MAX_DESKTOPS:
+        raise InventoryError(
+            f"the pools hold {total} desktops in all, more than {MAX_DESKTOPS}",
+            where=inventory.where(("pools",)),
+            fix="split the inventory",
+        )
+    _check_desktop_names(inventory)
+    _check_hostnames(inventory)
+
+
+def _check_reference(
+    inventory: Inventory, pool: str, field: str, value: str, defined: dict[str, Any]
+) -> None:
+    if value in defined:
+        return
+    section = f"{field}s"
+    path = ("pools", pool, field)
+    known = join_choices(sorted(defined)) if defined else "none"
+    fix = did_you_mean(value, defined) or f"add {quote(value)} under {section}:"
+    if field == "host" and value == DEFAULT_HOST and not defined:
+        fix = "define it under hosts:, or remove the empty hosts: to get the default local host"
+    raise InventoryError(
+        f"pools.{pool}.{field}: {field} {quote(value)} is not defined under {section}: "
+        f"(defined: {known})",
+        where=inventory.where(path),
+        fix=fix,
+    )
+
+
+def _names_path(pool: Pool, name: str) -> tuple[str, ...]:
+    return ("pools", name, "naming" if pool.naming is not None else "names")
+
+
+def _check_desktop_names(inventory: Inventory) -> None:
+    owners: dict[str, str] = {}
+    for pool_name, pool in inventory.pools.items():
+        for desktop in expand_names(pool):
+            owner = owners.setdefault(desktop.casefold(), pool_name)
+            if owner == pool_name:
+                continue
+            first = inventory.where(_names_path(inventory.pools[owner], owner))
+            second = inventory.where(_names_path(pool, pool_name))
+            raise InventoryError(
+                f"pools {owner!r} ({first}) and {pool_name!r} ({second}) both make the "
+                f"desktop {desktop!r}",
+                where=second,
+                fix="change the naming of one of the pools",
+            )
+
+
+def _check_hostnames(inventory: Inventory) -> None:
+    seen: dict[str, str] = {}
+    for pool_name, pool in inventory.pools.items():
+        path = ("pools", pool_name, "identity", "hostname")
+        pattern = pool.identity.hostname
+        for number, desktop in enumerate(expand_names(pool), start=1):
+            hostname = expand_hostname(pattern, desktop, number, pool_name)
+            _check_hostname(inventory, path, pattern, hostname, pool.identity.domain)
+            previous = seen.setdefault(hostname.casefold(), desktop)
+            if previous != desktop:
+                raise InventoryError(
+                    f"pools.{pool_name}.identity.hostname: desktops {previous!r} and "
+                    f"{desktop!r} both get the hostname {hostname!r}",
+                    where=inventory.where(path),
+                    fix="include {name} or {n} in the hostname pattern",
+                )
+
+
+def _check_hostname(
+    inventory: Inventory, path: tuple[str, ...], pattern: str, hostname: str, domain: str | None
+) -> None:
+    if len(hostname) > HOSTNAME_MAX or not HOSTNAME_RE.fullmatch(hostname):
+        raise InventoryError(
+            f"{'.'.join(path)}: pattern {pattern!r} makes {hostname!r}, which is not a valid "
+            f"hostname",
+            where=inventory.where(path),
+            fix=f"hostnames are letters, digits and dashes, at most {HOSTNAME_MAX} characters; "
+            "pool keys with '_' cannot go into {pool}",
+        )
+    if domain and len(hostname) + 1 + len(domain) > FQDN_MAX:
+        raise InventoryError(
+            f"{'.'.join(path)}: {hostname}.{domain} is longer than {FQDN_MAX} characters",
+            where=inventory.where(path),
+            fix="use a shorter domain",
+        )

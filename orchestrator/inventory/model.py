@@ -1,0 +1,275 @@
+"""The validated inventory: hosts, images, networks and pools of desktops (pydantic models).
+
+Models are strict (no type coercion: ``"3"`` is not an integer), reject unknown keys
+and are frozen. Sizes (``memory``, ``disk``) are stored as int bytes under their YAML
+names. A ``Pool`` already has the inventory's ``defaults:`` merged in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from orchestrator.inventory.fields import (
+    MAX_COMMAND_CHARS,
+    MIB,
+    AbsolutePath,
+    BridgeName,
+    Command,
+    DesktopName,
+    DnsDomain,
+    HexVersion,
+    HostnamePattern,
+    InventoryName,
+    Key,
+    LibvirtNetworkName,
+    LibvirtUri,
+    NamingPattern,
+    PasswordHash,
+    PosixUser,
+    ShellPath,
+    SshPublicKey,
+    TimeZone,
+    labctl_error,
+    size_type,
+)
+from orchestrator.inventory.naming import MAX_POOL_SIZE, NamingError, check_fits, parse_pattern
+from orchestrator.inventory.positions import KeyPath, PositionTable
+
+DEFAULT_HOST = "local"
+DEFAULT_URI = "qemu:///system"
+DEFAULT_STORAGE_POOL = "labctl"
+DEFAULT_STORAGE_PATH = "/var/lib/labctl/pool"
+MIN_MEMORY = 64 * MIB
+MIN_DISK = 64 * MIB
+# NOTE: keep in step with the recipes of labctl's image builder (orchestrator.images).
+BUILD_RECIPES = ("debian12", "tiny")
+
+MemorySize = size_type(MIN_MEMORY, "Guest memory.")
+DiskSize = size_type(MIN_DISK, "Virtual size of the desktop's disk; default: the image's size.")
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class StoragePool(StrictModel):
+    """The libvirt directory storage pool of a host; labctl creates it at ``path`` if missing."""
+
+    pool: Key = DEFAULT_STORAGE_POOL
+    path: AbsolutePath = DEFAULT_STORAGE_PATH
+
+
+class Host(StrictModel):
+    """A libvirt host that runs desktops."""
+
+    uri: LibvirtUri
+    accelerator: Literal["auto", "kvm", "tcg"] = Field(
+        "auto", description="auto probes KVM with a real boot and falls back to TCG."
+    )
+    storage: StoragePool = StoragePool()
+    max_parallel: Annotated[int, Field(ge=1, le=64)] = Field(
+        2, description="Desktops provisioned at once on this host."
+    )
+
+
+class ImageRef(StrictModel):
+    """A golden image: built by labctl from a recipe, or imported from a disk file."""
+
+    build: Literal[BUILD_RECIPES] | None = Field(  # type: ignore[valid-type]
+        None, description="Recipe that labctl builds the image from."
+    )
+    path: AbsolutePath | None = Field(
+        None, description="qcow2 or raw file to import; relative to the inventory file."
+    )
+    version: HexVersion | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ImageRef:
+        if (self.build is None) == (self.path is None):
+            raise labctl_error(
+                "an image needs exactly one of build: or path:",
+                fix=f"use build: {BUILD_RECIPES[0]} or path: /path/to/golden.qcow2",
+            )
+        return self
+
+
+class UserNetwork(StrictModel):
+    """QEMU user networking, restricted (no route out), optional SSH forward on 127.0.0.1."""
+
+    mode: Literal["user"]
+    ssh_forward: bool = True
+
+
+class LibvirtNetwork(StrictModel):
+    """An existing libvirt network on the host."""
+
+    mode: Literal["network"]
+    network: LibvirtNetworkName
+
+
+class BridgeNetwork(StrictModel):
+    """An existing bridge on the host."""
+
+    mode: Literal["bridge"]
+    bridge: BridgeName
+
+
+Network = Annotated[UserNetwork | LibvirtNetwork | BridgeNetwork, Field(discriminator="mode")]
+
+
+class Hardware(StrictModel):
+    """Virtual hardware of each desktop; ``memory`` and ``disk`` are in bytes."""
+
+    vcpus: Annotated[int, Field(ge=1, le=256)] = 1
+    memory: MemorySize = 512 * MIB
+    disk: DiskSize | None = None
+
+
+class InstantOptions(StrictModel):
+    """Options of instant clones: the method that makes children from the parent VM."""
+
+    method: Literal["fork", "restore"] = Field(
+        "fork", description="fork: QEMU VM templating; restore: libvirt save image per child."
+    )
+
+
+class User(StrictModel):
+    """A user account created at first boot."""
+
+    name: PosixUser
+    ssh_authorized_keys: list[SshPublicKey] = []
+    password_hash: PasswordHash | None = None
+    sudo: bool = False
+    shell: ShellPath = "/bin/bash"
+
+
+class Identity(StrictModel):
+    """Guest identity applied to each desktop (NoCloud seed, or ClonePrep for instant clones)."""
+
+    hostname: HostnamePattern = "{name}"
+    domain: DnsDomain | None = None
+    timezone: TimeZone = "Etc/UTC"
+    users: list[User] = []
+    run_once: list[Command] = Field(
+        [], description="Commands run once at first boot (cloud-init runcmd)."
+    )
+
+    @field_validator("users")
+    @classmethod
+    def _unique_users(cls, users: list[User]) -> list[User]:
+        seen: set[str] = set()
+        for user in users:
+            if user.name in seen:
+                raise labctl_error(f"user {user.name!r} is listed twice", fix="merge the entries")
+            seen.add(user.name)
+        return users
+
+    @field_validator("run_once")
+    @classmethod
+    def _run_once_total(cls, commands: list[str]) -> list[str]:
+        total = sum(len(command) for command in commands)
+        if total > MAX_COMMAND_CHARS:
+            raise labctl_error(
+                f"run_once commands total {total} characters, more than {MAX_COMMAND_CHARS}",
+                fix="put long scripts into the image instead",
+            )
+        return commands
+
+
+class Pool(StrictModel):
+    """A pool of desktops cloned from one image on one host."""
+
+    image: Key
+    clone: Literal["full", "linked", "instant"]
+    size: Annotated[int, Field(ge=1, le=MAX_POOL_SIZE)] = Field(
+        description="Number of desktops; default with names: the number of names."
+    )
+    naming: NamingPattern | None = None
+    names: list[DesktopName] | None = None
+    host: Key = DEFAULT_HOST
+    hardware: Hardware = Hardware()
+    network: Key | None = Field(None, description="Key of networks:; none: no NIC.")
+    instant: InstantOptions | None = Field(None, description="Only with clone: instant.")
+    identity: Identity = Identity()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        names = data.get("names")
+        if "size" not in data and isinstance(names, list):
+            data["size"] = len(names)
+        if data.get("clone") == "instant" and "instant" not in data:
+            data["instant"] = {}
+        return data
+
+    @model_validator(mode="after")
+    def _check_pool(self) -> Pool:
+        self._check_names()
+        if self.instant is not None and self.clone != "instant":
+            raise labctl_error(
+                f"instant: applies only to clone: instant, but clone is {self.clone}",
+                fix="remove instant: or set clone: instant",
+                field="instant",
+            )
+        return self
+
+    def _check_names(self) -> None:
+        if (self.naming is None) == (self.names is None):
+            raise labctl_error(
+                "a pool needs exactly one of naming: (a pattern) or names: (a list)",
+                fix='use naming: "lab-{n}" or names: [a, b, c]',
+                field="naming" if self.naming is not None else None,
+            )
+        if self.naming is not None:
+            try:
+                check_fits(self.naming, parse_pattern(self.naming), self.size)
+            except NamingError as exc:
+                raise labctl_error(exc.message, exc.fix, field="naming") from exc
+            return
+        assert self.names is not None
+        if len(self.names) != self.size:
+            raise labctl_error(
+                f"names: lists {len(self.names)} desktops but size is {self.size}",
+                fix="make them agree, or drop size: to use the number of names",
+                field="size",
+            )
+        seen: set[str] = set()
+        for name in self.names:
+            if name.casefold() in seen:
+                raise labctl_error(f"desktop name {name!r} is listed twice", field="names")
+            seen.add(name.casefold())
+
+
+def _default_hosts() -> dict[str, Host]:
+    return {DEFAULT_HOST: Host(uri=DEFAULT_URI)}
+
+
+class Inventory(StrictModel):
+    """A loaded and validated inventory."""
+
+    name: InventoryName
+    path: Path
+    hosts: dict[Key, Host] = Field(default_factory=_default_hosts)
+    images: dict[Key, ImageRef] = {}
+    networks: dict[Key, Network] = {}
+    pools: dict[Key, Pool] = {}
+    _positions: PositionTable | None = PrivateAttr(None)
+
+    def where(self, path: KeyPath) -> str:
+        """Return the FILE:LINE of a key path such as ``("pools", "lab", "size")``.
+
+        A key that no file spells out (a model default) reports its nearest ancestor.
+        """
+        if self._positions is None:
+            return str(self.path)
+        return self._positions.where(path)
+
+    def attach_positions(self, positions: PositionTable) -> None:
+        """Record where each key came from; called once by the loader."""
+        self._positions = positions
