@@ -1,0 +1,100 @@
+"""apply: carry out a plan, provisioning desktops in parallel up to each host's limit.
+
+Desktops are independent: one failure is reported and the others go on. Deletions
+run first so that a renamed pool frees its resources before new desktops need them.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+
+import libvirt
+
+from orchestrator.errors import LabctlError
+from orchestrator.identity import keys
+from orchestrator.plan import Action, Plan
+from orchestrator.provision import desktop as provisioning
+from orchestrator.provision.hardware import update_hardware
+from orchestrator.provision.remove import remove_desktop
+from orchestrator.provision.steps import EventSink
+from orchestrator.storage import replica
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ApplyResult:
+    created: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, LabctlError] = field(default_factory=dict)
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def apply_plan(plan: Plan, on_event: EventSink, *, replace: bool = False) -> ApplyResult:
+    result = ApplyResult()
+    access_key = keys.access_key(plan.inventory.name)
+    for action in plan.of_kind("delete"):
+        _run(result, action, lambda a=action: _delete(plan, a, on_event), result.deleted)
+    work = plan.of_kind("create", "update", "replace")
+    if replace:
+        work += plan.of_kind("outdated")
+    else:
+        result.skipped = [action.desktop for action in plan.of_kind("outdated")]
+    workers = max(1, sum(ctx.settings.max_parallel for ctx in plan.hosts.values()))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="provision") as executor:
+        futures = {executor.submit(_converge, plan, action, access_key, on_event): action
+                   for action in work}
+        for future in as_completed(futures):
+            action = futures[future]
+            try:
+                timings = future.result()
+            except LabctlError as exc:
+                result.failed[action.desktop] = exc
+                log.error("%s: %s", action.desktop, exc)
+                continue
+            target = result.updated if action.kind == "update" else result.created
+            target.append(action.desktop)
+            if timings:
+                result.timings[action.desktop] = timings
+    for ctx in plan.hosts.values():
+        pool = ctx.existing_pool()
+        if pool is not None:
+            replica.remove_unused(pool)
+    return result
+
+
+def _run(result: ApplyResult, action: Action, work, done: list[str]) -> None:
+    try:
+        work()
+    except LabctlError as exc:
+        result.failed[action.desktop] = exc
+        log.error("%s: %s", action.desktop, exc)
+        return
+    done.append(action.desktop)
+
+
+def _delete(plan: Plan, action: Action, on_event: EventSink) -> None:
+    ctx = plan.hosts[action.host]
+    remove_desktop(ctx, ctx.conn.lookupByName(action.desktop), plan.inventory.name, on_event)
+
+
+def _converge(plan: Plan, action: Action, access_key: keys.KeyPair,
+              on_event: EventSink) -> dict[str, float]:
+    ctx = plan.hosts[action.host]
+    assert action.request is not None
+    if action.kind == "update":
+        update_hardware(ctx, ctx.conn.lookupByName(action.desktop), action.request, on_event)
+        return {}
+    if action.kind in ("replace", "outdated"):
+        try:
+            domain = ctx.conn.lookupByName(action.desktop)
+        except libvirt.libvirtError:
+            domain = None
+        if domain is not None:
+            remove_desktop(ctx, domain, plan.inventory.name, on_event)
+    _record, timings = provisioning.provision(ctx, action.request, access_key, on_event)
+    return timings

@@ -1,0 +1,201 @@
+"""labctl plan | apply | status | destroy | smoke."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from orchestrator import output
+from orchestrator import status as status_module
+from orchestrator.apply import apply_plan
+from orchestrator.errors import LabctlError
+from orchestrator.hosts.context import HostSettings
+from orchestrator.images import recipes
+from orchestrator.inventory import load_inventory
+from orchestrator.plan import Plan, make_plan, observed_desktops, open_inventory_host
+from orchestrator.provision.remove import remove_desktop
+from orchestrator.smoke import run_smoke as smoke
+from orchestrator.storage import replica
+
+_SYMBOLS = {"create": "+", "delete": "-", "update": "~", "replace": "!", "outdated": "?",
+            "keep": "="}
+
+
+def register(commands, add_output) -> None:
+    plan = commands.add_parser("plan", help="list what apply would create, change or remove")
+    plan.add_argument("inventory", type=Path)
+    add_output(plan)
+    plan.set_defaults(handler=show_plan)
+
+    apply = commands.add_parser("apply", help="converge the hosts to the inventory")
+    apply.add_argument("inventory", type=Path)
+    apply.add_argument("--replace", action="store_true",
+                       help="re-create desktops whose image or identity settings changed "
+                       "(their disk contents are lost)")
+    add_output(apply)
+    apply.set_defaults(handler=run_apply)
+
+    status = commands.add_parser("status", help="print the inventory's desktops")
+    status.add_argument("inventory", type=Path)
+    add_output(status)
+    status.set_defaults(handler=show_status)
+
+    destroy = commands.add_parser("destroy", help="remove everything labctl created for the "
+                                  "inventory")
+    destroy.add_argument("inventory", type=Path)
+    add_output(destroy)
+    destroy.set_defaults(handler=run_destroy)
+
+    smoke = commands.add_parser("smoke", help="boot one throw-away linked clone of an image, "
+                                "read its identity back, remove it")
+    smoke.add_argument("image", nargs="?", default="tiny",
+                       help="catalog image or recipe name (default tiny)")
+    smoke.add_argument("--uri", default=HostSettings.uri, help="libvirt URI")
+    smoke.add_argument("--memory", type=int, default=512, help="guest memory in MiB")
+    add_output(smoke)
+    smoke.set_defaults(handler=run_smoke)
+
+
+def _describe_plan(plan: Plan) -> list[dict]:
+    return [{"action": action.kind, "desktop": action.desktop, "pool": action.pool,
+             "host": action.host, "reason": action.reason} for action in plan.actions]
+
+
+def show_plan(args: argparse.Namespace) -> int:
+    inventory = load_inventory(args.inventory)
+    plan = make_plan(inventory)
+    try:
+        if args.output == "json":
+            output.print_json({"inventory": inventory.name, "build_images": plan.images_to_build,
+                               "actions": _describe_plan(plan)})
+            return 0
+        for key in plan.images_to_build:
+            print(f"  build image {inventory.images[key].build} (not in the catalog yet)")
+        for action in plan.actions:
+            print(f"{_SYMBOLS[action.kind]} {action.kind:<8} {action.desktop:<16} "
+                  f"pool {action.pool:<12} {action.reason}")
+        counts = {kind: len(plan.of_kind(kind)) for kind in _SYMBOLS}
+        print(f"Plan: {counts['create']} to create, {counts['update']} to update, "
+              f"{counts['replace'] + counts['outdated']} to replace, {counts['delete']} to "
+              f"delete, {counts['keep']} unchanged.")
+    finally:
+        plan.close()
+    return 0
+
+
+def run_apply(args: argparse.Namespace) -> int:
+    inventory = load_inventory(args.inventory)
+    printer = output.EventPrinter(json_lines=args.output == "json")
+    plan = make_plan(inventory, build_images=True,
+                     progress=lambda message: printer("image", "build", message))
+    try:
+        if not plan.changes:
+            _say(args, "Nothing to change: every desktop is up to date.")
+        result = apply_plan(plan, printer, replace=args.replace)
+        data = status_module.collect(inventory, plan.hosts)
+    finally:
+        plan.close()
+    if args.output == "json":
+        failed = {name: str(error) for name, error in result.failed.items()}
+        sys.stdout.write(json.dumps({"event": "result", "created": result.created,
+                                            "updated": result.updated,
+                                            "deleted": result.deleted,
+                                            "skipped": result.skipped,
+                                            "failed": failed}) + "\n")
+    else:
+        _print_status(data)
+        for name in result.skipped:
+            print(f"{name}: out of date (image or identity changed); run 'labctl apply "
+                  f"--replace {args.inventory}' to re-create it")
+        _print_access(args.inventory, data)
+    for name, error in result.failed.items():
+        print(f"labctl: error: {error}", file=sys.stderr)
+    return 1 if result.failed else 0
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if args.output != "json":
+        print(text)
+
+
+def _print_status(data: dict) -> None:
+    rows = []
+    for pool in data["pools"]:
+        for desktop in pool["desktops"]:
+            ssh = desktop["ssh"]
+            rows.append((
+                desktop["name"], pool["name"], desktop["clone"], desktop["state"],
+                desktop["mac"], desktop["hostname"], desktop["machine_id"][:12],
+                f"127.0.0.1:{ssh['port']}" if ssh else "", f"{desktop['ready_seconds']:.1f}",
+            ))
+    output.print_table(f"inventory {data['inventory']}",
+                       ("desktop", "pool", "clone", "state", "MAC", "hostname", "machine-id",
+                        "SSH", "ready s"), rows)
+
+
+def _print_access(path: Path, data: dict) -> None:
+    names = [d["name"] for pool in data["pools"] for d in pool["desktops"]]
+    if not names:
+        return
+    print(f"Log in:   labctl ssh {names[0]} --inventory {path}")
+    print(f"Destroy:  labctl destroy {path}")
+
+
+def show_status(args: argparse.Namespace) -> int:
+    inventory = load_inventory(args.inventory)
+    hosts = {key: open_inventory_host(inventory, key) for key in
+             sorted({pool.host for pool in inventory.pools.values()})}
+    try:
+        data = status_module.collect(inventory, hosts)
+    finally:
+        for ctx in hosts.values():
+            ctx.close()
+    if args.output == "json":
+        output.print_json(data)
+    else:
+        _print_status(data)
+    return 0
+
+
+def run_destroy(args: argparse.Namespace) -> int:
+    inventory = load_inventory(args.inventory)
+    printer = output.EventPrinter(json_lines=args.output == "json")
+    hosts_used = sorted({pool.host for pool in inventory.pools.values()} | set(inventory.hosts))
+    failed = 0
+    for key in hosts_used:
+        ctx = open_inventory_host(inventory, key)
+        try:
+            for _name, (domain, _record) in sorted(observed_desktops(ctx, inventory.name).items()):
+                try:
+                    remove_desktop(ctx, domain, inventory.name, printer)
+                except LabctlError as exc:
+                    failed += 1
+                    print(f"labctl: error: {exc}", file=sys.stderr)
+            pool = ctx.existing_pool()
+            if pool is not None:
+                for volume in replica.remove_unused(pool):
+                    printer(volume, "remove", "unused replica removed")
+        finally:
+            ctx.close()
+    return 1 if failed else 0
+
+
+def run_smoke(args: argparse.Namespace) -> int:
+    printer = output.EventPrinter(json_lines=args.output == "json")
+    image = recipes.ensure(args.image, progress=lambda m: printer("image", "build", m))
+    result = smoke(image, HostSettings(uri=args.uri), printer, memory_bytes=args.memory << 20)
+    if args.output == "json":
+        output.print_json({"image": image.ref, "desktop": result.name,
+                           "hostname": result.hostname, "machine_id": result.machine_id,
+                           "accelerator": result.accelerator, "timings": result.timings})
+        return 0
+    print(f"image        {image.ref}")
+    print(f"accelerator  {result.accelerator}")
+    print(f"hostname     {result.hostname}")
+    print(f"machine-id   {result.machine_id}")
+    for key, value in result.timings.items():
+        print(f"{key + ' s':<12} {value:.2f}")
+    print("removed      domain, overlay, seed and unused replica")
+    return 0

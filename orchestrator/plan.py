@@ -1,0 +1,269 @@
+"""plan: compare the inventory's desktops with what libvirt has, and list the actions.
+
+The truth about existing desktops is the labctl metadata in each domain; nothing
+else is read, so a plan is the same from any machine pointed at the same hosts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import libvirt
+
+from orchestrator.errors import ConflictError, HostError, ImageError, InventoryError
+from orchestrator.hosts.context import HostContext, HostSettings, open_host
+from orchestrator.identity.desktop import UserAccount
+from orchestrator.images import catalog, recipes
+from orchestrator.images.catalog import ImageVersion
+from orchestrator.inventory import Inventory, expand_names
+from orchestrator.inventory.naming import expand_hostname
+from orchestrator.provision.request import DesktopRequest, NetworkSpec
+from orchestrator.state import metadata
+from orchestrator.state.metadata import DesktopRecord
+from orchestrator.storage import qemuimg
+
+log = logging.getLogger(__name__)
+
+# Seconds a desktop may take from start to ready: TCG boots are many times slower.
+READY_TIMEOUT = {"kvm": 300.0, "tcg": 1200.0}
+
+
+@dataclass
+class Action:
+    """One change: create, delete, update (hardware, in place), replace or keep."""
+
+    kind: str
+    desktop: str
+    pool: str
+    host: str
+    reason: str = ""
+    request: DesktopRequest | None = None
+    record: DesktopRecord | None = None
+
+
+@dataclass
+class Plan:
+    inventory: Inventory
+    hosts: dict[str, HostContext]
+    actions: list[Action] = field(default_factory=list)
+    images_to_build: list[str] = field(default_factory=list)
+
+    def of_kind(self, *kinds: str) -> list[Action]:
+        return [action for action in self.actions if action.kind in kinds]
+
+    @property
+    def changes(self) -> list[Action]:
+        return [action for action in self.actions if action.kind != "keep"]
+
+    def close(self) -> None:
+        for ctx in self.hosts.values():
+            ctx.close()
+
+
+def host_settings(inventory: Inventory, key: str) -> HostSettings:
+    host = inventory.hosts[key]
+    return HostSettings(
+        name=key, uri=host.uri, accelerator=host.accelerator,
+        storage_pool=host.storage.pool, storage_path=host.storage.path,
+        max_parallel=host.max_parallel,
+    )
+
+
+def resolve_images(inventory: Inventory, *, build: bool,
+                   progress: recipes.Progress | None = None) -> dict[str, ImageVersion | None]:
+    """Map each image key to its catalog version; None for a recipe not built yet (plan only)."""
+    resolved: dict[str, ImageVersion | None] = {}
+    used = {pool.image for pool in inventory.pools.values()}
+    for key in sorted(used):
+        ref = inventory.images[key]
+        where = inventory.where(("images", key))
+        try:
+            resolved[key] = _resolve_image(key, ref, build=build, progress=progress)
+        except ImageError as exc:
+            raise ImageError(exc.message, where=f"{where} ({exc.where})" if exc.where else where,
+                             fix=exc.fix) from exc
+    return resolved
+
+
+def _resolve_image(key: str, ref, *, build: bool,
+                   progress: recipes.Progress | None) -> ImageVersion | None:
+    if ref.path is not None:
+        qemuimg.backing_chain(ref.path)  # a missing file or broken chain fails here
+        if not build:
+            return None
+        image = catalog.register(key, ref.path, source=f"import:{ref.path}")
+        if ref.version and not image.version.startswith(ref.version):
+            raise ImageError(f"{ref.path} is version {image.version}, not {ref.version}",
+                             fix="update version: in the inventory or use the pinned file")
+        return image
+    try:
+        return catalog.resolve(ref.build, ref.version)
+    except ImageError:
+        if ref.version or not build:
+            if ref.version:
+                raise
+            return None
+    return recipes.build(ref.build, progress=progress)
+
+
+def desktop_requests(inventory: Inventory, images: dict[str, ImageVersion | None],
+                     hosts: dict[str, HostContext]) -> list[DesktopRequest]:
+    requests = []
+    for pool_key, pool in inventory.pools.items():
+        if pool.clone == "instant":
+            raise InventoryError(
+                "clone: instant is not available yet in this version of labctl",
+                where=inventory.where(("pools", pool_key, "clone")),
+                fix="use clone: linked for now",
+            )
+        image = images[pool.image]
+        network = _network(inventory, pool.network)
+        users = tuple(
+            UserAccount(name=user.name, ssh_authorized_keys=tuple(user.ssh_authorized_keys),
+                        password_hash=user.password_hash or "", sudo=user.sudo,
+                        shell=user.shell)
+            for user in pool.identity.users
+        )
+        accelerator = hosts[pool.host].accelerator if pool.host in hosts else "tcg"
+        for number, name in enumerate(expand_names(pool), start=1):
+            requests.append(DesktopRequest(
+                name=name, inventory=inventory.name, pool=pool_key, index=number,
+                clone=pool.clone, image=image or _placeholder(pool.image), host=pool.host,
+                vcpus=pool.hardware.vcpus, memory_bytes=pool.hardware.memory,
+                disk_bytes=pool.hardware.disk or 0, network=network,
+                hostname=expand_hostname(pool.identity.hostname, name, number, pool_key),
+                domain=pool.identity.domain or "", users=users,
+                timezone=pool.identity.timezone, run_once=tuple(pool.identity.run_once),
+                ready_timeout=READY_TIMEOUT[accelerator],
+            ))
+    return requests
+
+
+def _placeholder(name: str) -> ImageVersion:
+    """An image version standing in for a recipe that apply will build first."""
+    return ImageVersion(name=name, version="unbuilt", sha256="", disk="", format="qcow2",
+                        virtual_size=0, actual_size=0, boot=None)
+
+
+def _network(inventory: Inventory, key: str | None) -> NetworkSpec:
+    if key is None:
+        return NetworkSpec(name="", mode="none")
+    network = inventory.networks[key]
+    if network.mode == "user":
+        return NetworkSpec(name=key, mode="user")
+    if network.mode == "network":
+        return NetworkSpec(name=key, mode="network", source=network.network)
+    return NetworkSpec(name=key, mode="bridge", source=network.bridge)
+
+
+def observed_desktops(ctx: HostContext, inventory: str) -> dict[str, tuple[libvirt.virDomain,
+                                                                           DesktopRecord]]:
+    """Return this inventory's desktops on a host, by name."""
+    found = {}
+    for domain in ctx.conn.listAllDomains(0):
+        record = metadata.read(domain)
+        if record is not None and record.inventory == inventory:
+            found[domain.name()] = (domain, record)
+    return found
+
+
+def make_plan(inventory: Inventory, *, build_images: bool = False,
+              progress: recipes.Progress | None = None) -> Plan:
+    """Connect to the inventory's hosts and compute the actions that converge them."""
+    used_hosts = sorted({pool.host for pool in inventory.pools.values()})
+    hosts: dict[str, HostContext] = {}
+    try:
+        for key in used_hosts:
+            hosts[key] = open_inventory_host(inventory, key)
+        images = resolve_images(inventory, build=build_images, progress=progress)
+        requests = desktop_requests(inventory, images, hosts)
+        plan = Plan(inventory, hosts)
+        plan.images_to_build = sorted(key for key, image in images.items() if image is None)
+        for key, ctx in hosts.items():
+            _check_host(inventory, ctx, [r for r in requests if r.host == key])
+            _diff(plan, ctx, [r for r in requests if r.host == key])
+        return plan
+    except BaseException:
+        for ctx in hosts.values():
+            ctx.close()
+        raise
+
+
+def open_inventory_host(inventory: Inventory, key: str) -> HostContext:
+    """Connect to the inventory's host ``key``; errors point at its uri: line."""
+    try:
+        return open_host(host_settings(inventory, key))
+    except HostError as exc:
+        raise HostError(exc.message, where=f"{inventory.where(('hosts', key, 'uri'))} "
+                        f"({exc.where})", fix=exc.fix) from exc
+
+
+def _check_host(inventory: Inventory, ctx: HostContext, requests: list[DesktopRequest]) -> None:
+    memory_bytes = int(ctx.conn.getInfo()[1]) * 1024 * 1024
+    for request in requests:
+        if request.memory_bytes > memory_bytes:
+            raise InventoryError(
+                f"pool {request.pool} asks for {request.memory_bytes >> 20} MiB of memory per "
+                f"desktop but host {ctx.settings.name} has {memory_bytes >> 20} MiB",
+                where=inventory.where(("pools", request.pool, "hardware", "memory")),
+                fix="lower hardware.memory",
+            )
+        if request.network.mode == "network":
+            try:
+                ctx.conn.networkLookupByName(request.network.source)
+            except libvirt.libvirtError as exc:
+                raise InventoryError(
+                    f"libvirt network {request.network.source} does not exist on host "
+                    f"{ctx.settings.name}",
+                    where=inventory.where(("networks", request.network.name)),
+                    fix="create it with virsh net-define, or use mode: user",
+                ) from exc
+    names = {request.name: request for request in requests}
+    for domain in ctx.conn.listAllDomains(0):
+        request = names.get(domain.name())
+        if request is None:
+            continue
+        record = metadata.read(domain)
+        if record is None or record.inventory != inventory.name:
+            owner = "not created by labctl" if record is None else (
+                f"a desktop of inventory {record.inventory}")
+            raise ConflictError(
+                f"desktop name {domain.name()} of pool {request.pool} is taken by an existing "
+                f"domain on host {ctx.settings.name} ({owner})",
+                where=inventory.where(("pools", request.pool, "naming"))
+                if inventory.pools[request.pool].naming else
+                inventory.where(("pools", request.pool, "names")),
+                fix="change the pool's naming so its names do not collide",
+            )
+
+
+def _diff(plan: Plan, ctx: HostContext, requests: list[DesktopRequest]) -> None:
+    observed = observed_desktops(ctx, plan.inventory.name)
+    wanted = {request.name for request in requests}
+    for request in requests:
+        found = observed.get(request.name)
+        if found is None:
+            plan.actions.append(Action("create", request.name, request.pool, ctx.settings.name,
+                                       "missing", request=request))
+            continue
+        _domain, record = found
+        plan.actions.append(_compare(request, record, ctx.settings.name))
+    for name, (_domain, record) in sorted(observed.items()):
+        if name not in wanted:
+            plan.actions.append(Action("delete", name, record.pool, ctx.settings.name,
+                                       "not in the inventory", record=record))
+
+
+def _compare(request: DesktopRequest, record: DesktopRecord, host: str) -> Action:
+    def action(kind: str, reason: str) -> Action:
+        return Action(kind, request.name, request.pool, host, reason, request=request,
+                      record=record)
+
+    if record.state != "ready":
+        return action("replace", f"left {record.state} by an interrupted run")
+    if request.image.version != "unbuilt" and record.config_hash != request.config_hash():
+        return action("outdated", "image, clone method, disk, network or identity changed")
+    if record.extra.get("hardware_hash") != request.hardware_hash():
+        return action("update", "vCPUs or memory changed")
+    return action("keep", "up to date")

@@ -1,0 +1,72 @@
+"""status: the desktops of an inventory as libvirt reports them, with their disk chains."""
+
+from __future__ import annotations
+
+import libvirt
+
+from orchestrator.errors import ImageError
+from orchestrator.hosts.context import HostContext
+from orchestrator.plan import observed_desktops
+from orchestrator.state.metadata import DesktopRecord
+from orchestrator.storage import qemuimg
+
+_STATES = {
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shut off",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutting down",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
+    libvirt.VIR_DOMAIN_BLOCKED: "running",
+}
+
+
+def desktop_status(domain: libvirt.virDomain, record: DesktopRecord) -> dict:
+    state = _STATES.get(domain.state()[0], "unknown")
+    if record.state != "ready":
+        state = f"{state}, {record.state}"
+    return {
+        "name": domain.name(),
+        "pool": record.pool,
+        "host": record.host,
+        "clone": record.clone,
+        "state": state,
+        "uuid": domain.UUIDString(),
+        "mac": record.mac,
+        "hostname": record.hostname,
+        "fqdn": record.fqdn,
+        "machine_id": record.machine_id,
+        "image": record.image,
+        "disk": {"path": record.disk, "format": "qcow2", "backing_chain": _chain(record.disk)},
+        "seed": record.seed,
+        "ssh": {"address": "127.0.0.1", "port": record.ssh_port,
+                "user": record.extra.get("login_user", "")} if record.ssh_port else None,
+        "ssh_host_key": record.extra.get("ssh_host_key", ""),
+        "ready_seconds": record.ready_seconds,
+        "created": record.created,
+        "generation": record.generation,
+    }
+
+
+def _chain(path: str) -> list[dict]:
+    try:
+        layers = qemuimg.backing_chain(path)
+    except ImageError as exc:
+        return [{"path": path, "error": exc.message}]
+    return [{"path": layer.path, "format": layer.format} for layer in layers]
+
+
+def collect(inventory, hosts: dict[str, HostContext]) -> dict:
+    """Return ``{"pools": [{"name", "clone", "desktops": [...]}]}`` for the inventory."""
+    desktops: list[dict] = []
+    for ctx in hosts.values():
+        for _name, (domain, record) in sorted(observed_desktops(ctx, inventory.name).items()):
+            desktops.append(desktop_status(domain, record))
+    pools = []
+    for key, pool in inventory.pools.items():
+        members = sorted((d for d in desktops if d["pool"] == key), key=lambda d: d["name"])
+        pools.append({"name": key, "clone": pool.clone, "desktops": members})
+    orphans = [d for d in desktops if d["pool"] not in inventory.pools]
+    if orphans:
+        pools.append({"name": "(removed from the inventory)", "clone": "", "desktops": orphans})
+    return {"inventory": inventory.name, "pools": pools}
