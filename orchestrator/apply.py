@@ -54,7 +54,7 @@ def apply_plan(plan: Plan, on_event: EventSink, *, replace: bool = False) -> App
                 timings = future.result()
             except LabctlError as exc:
                 result.failed[action.desktop] = exc
-                log.error("%s: %s", action.desktop, exc)
+                log.info("%s failed: %s", action.desktop, exc)
                 continue
             target = result.updated if action.kind == "update" else result.created
             target.append(action.desktop)
@@ -72,7 +72,7 @@ def _run(result: ApplyResult, action: Action, work, done: list[str]) -> None:
         work()
     except LabctlError as exc:
         result.failed[action.desktop] = exc
-        log.error("%s: %s", action.desktop, exc)
+        log.info("%s failed: %s", action.desktop, exc)
         return
     done.append(action.desktop)
 

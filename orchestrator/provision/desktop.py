@@ -129,7 +129,7 @@ class Provisioning:
             volume = volumes.create_overlay(self.ctx.pool, name, self.replica.disk,
                                             self.request.disk_size)
         else:
-            source = self.ctx.pool.storageVolLookupByPath(self.replica.disk.path)
+            source = self.ctx.conn.storageVolLookupByPath(self.replica.disk.path)
             volume = volumes.clone_volume(self.ctx.pool, name, source, self.request.disk_size)
         self.os_disk = volume.path()
         self.timings["storage"] = time.monotonic() - started

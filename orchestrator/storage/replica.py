@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import libvirt
 
+from orchestrator import locks
 from orchestrator.domain import DiskLayer
 from orchestrator.errors import StorageError
 from orchestrator.images.catalog import ImageVersion
@@ -43,8 +44,10 @@ def _names(image: ImageVersion) -> dict[str, str]:
 def ensure_replica(pool: libvirt.virStoragePool, image: ImageVersion) -> Replica:
     """Return the replica of ``image`` in ``pool``, uploading it once if it is missing."""
     names = _names(image)
-    if volumes.find_volume(pool, names["marker"]) is None:
-        _upload(pool, image, names)
+    uri = pool.connect().getURI()
+    with locks.named_lock(f"replica:{uri}:{pool.name()}:{image.version}"):
+        if volumes.find_volume(pool, names["marker"]) is None:
+            _upload(pool, image, names)
     disk = volumes.find_volume(pool, names["disk"])
     if disk is None:
         raise StorageError(
