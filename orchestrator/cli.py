@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from orchestrator import __version__
@@ -36,19 +37,27 @@ def build_parser() -> argparse.ArgumentParser:
     identity_cmd.register(commands, _add_output)
     inventory_cmd.register(commands, _add_output)
     apply_cmd.register(commands, _add_output)
+    apply_cmd.register_bench(commands, _add_output)
     ssh_cmd.register(commands, _add_output)
     return parser
 
 
 def _configure_logging(verbosity: int) -> None:
-    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    level = logging.DEBUG
+    if verbosity == 0:
+        level = logging.WARNING
+    elif verbosity == 1:
+        level = logging.INFO
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if verbosity < 2:
-        logging.getLogger("paramiko").setLevel(logging.WARNING)
+        # paramiko logs every refused connection while a guest boots as an ERROR.
+        logging.getLogger("paramiko").setLevel(logging.CRITICAL)
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Exit quietly when the reader of a pipe (head, less) goes away, as Unix tools do.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)

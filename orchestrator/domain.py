@@ -30,7 +30,7 @@ class Disk:
 
 @dataclass(frozen=True)
 class Interface:
-    """A NIC libvirt knows: ``type`` is "network" or "bridge", ``source`` its name."""
+    """A NIC that libvirt manages: ``type`` is "network" or "bridge", ``source`` its name."""
 
     type: str
     source: str

@@ -1,4 +1,4 @@
-"""How results reach the terminal: rich tables, plain progress lines or JSON lines."""
+"""Terminal output: rich tables, plain progress lines or JSON lines."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """plan: compare the inventory's desktops with what libvirt has, and list the actions.
 
-The truth about existing desktops is the labctl metadata in each domain; nothing
-else is read, so a plan is the same from any machine pointed at the same hosts.
+Existing desktops are known only from the labctl metadata in their domains. So a
+plan is the same from any machine pointed at the same hosts.
 """
 
 from __future__ import annotations
@@ -263,7 +263,9 @@ def _compare(request: DesktopRequest, record: DesktopRecord, host: str) -> Actio
     if record.state != "ready":
         return action("replace", f"left {record.state} by an interrupted run")
     if request.image.version != "unbuilt" and record.config_hash != request.config_hash():
-        return action("outdated", "image, clone method, disk, network or identity changed")
+        if record.image != request.image.ref:
+            return action("outdated", f"image changed: {record.image} -> {request.image.ref}")
+        return action("outdated", "clone method, disk, network or identity settings changed")
     if record.extra.get("hardware_hash") != request.hardware_hash():
         return action("update", "vCPUs or memory changed")
     return action("keep", "up to date")

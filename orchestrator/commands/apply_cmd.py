@@ -10,6 +10,7 @@ from pathlib import Path
 from orchestrator import output
 from orchestrator import status as status_module
 from orchestrator.apply import apply_plan
+from orchestrator.bench import run_bench, summarize
 from orchestrator.errors import LabctlError
 from orchestrator.hosts.context import HostSettings
 from orchestrator.images import recipes
@@ -199,3 +200,30 @@ def run_smoke(args: argparse.Namespace) -> int:
         print(f"{key + ' s':<12} {value:.2f}")
     print("removed      domain, overlay, seed and unused replica")
     return 0
+
+
+def register_bench(commands, add_output) -> None:
+    bench = commands.add_parser(
+        "bench", help="measure provisioning of linked and full clones (and virt-clone) in one run"
+    )
+    bench.add_argument("--image", default="tiny", help="recipe to clone (default tiny)")
+    bench.add_argument("--count", type=int, default=4, help="linked clones (default 4)")
+    bench.add_argument("--memory", default="128MiB", help="guest memory (default 128MiB)")
+    add_output(bench)
+    bench.set_defaults(handler=run_bench_command)
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    result = run_bench(args.image, args.count, args.memory,
+                       on_event=output.EventPrinter() if args.output != "json" else _silent)
+    rows = summarize(result)
+    if args.output == "json":
+        output.print_json({"rows": [{"measure": m, "value": v, "target": t} for m, v, t in rows],
+                           "linked": result.linked, "full": result.full})
+    else:
+        output.print_table("labctl bench", ("measure", "value", "target"), rows)
+    return 0
+
+
+def _silent(_desktop: str, _step: str, _status: str) -> None:
+    pass

@@ -78,8 +78,14 @@ class HostAllocator:
 
     def ssh_port(self) -> int:
         low, high = self._port_range
+        ports = list(range(low, high + 1))
+        # A random start, because two labctl runs that scanned the host at the same moment
+        # would otherwise both pick the lowest free port, and the second QEMU fails to start.
+        # NOTE: that collision is unlikely now, not impossible (nothing reserves a port
+        # across processes until QEMU binds it).
+        start = self._random.randrange(len(ports))
         with self._lock:
-            for port in range(low, high + 1):
+            for port in ports[start:] + ports[:start]:
                 if port not in self._ports and _port_free(port):
                     self._ports.add(port)
                     return port

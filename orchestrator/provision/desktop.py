@@ -142,8 +142,11 @@ class Provisioning:
         assert self.identity is not None
         name = seed_volume_name(self.request.name)
         data = build_seed(self.identity).to_iso()
-        self.seed = volumes.upload_bytes(self.ctx.pool, name, data, mode="0600").path()
+        seed = volumes.upload_bytes(self.ctx.pool, name, data, mode="0600")
+        self.seed = seed.path()
         self.timings["storage"] += time.monotonic() - started
+        os_disk = self.ctx.conn.storageVolLookupByPath(self.os_disk)
+        self.timings["disk_bytes"] = float(os_disk.info()[2] + seed.info()[2])
 
     def remove_seed(self) -> None:
         volumes.delete(self.ctx.pool, seed_volume_name(self.request.name))

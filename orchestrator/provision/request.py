@@ -1,4 +1,4 @@
-"""What one desktop should be: the input of provisioning, built from the inventory."""
+"""Desktop requests: the input of provisioning, built from the inventory."""
 
 from __future__ import annotations
 

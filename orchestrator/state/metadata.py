@@ -55,7 +55,9 @@ def to_xml(record: DesktopRecord) -> str:
         child.text = str(getattr(record, name))
     for key, value in sorted(record.extra.items()):
         ET.SubElement(root, "extra", {"key": key}).text = value
-    return ET.tostring(root, encoding="unicode")
+    # ElementTree writes a CR in text as is and XML parsers read it as LF; a character
+    # reference keeps it. Attributes need nothing: ElementTree escapes CR there itself.
+    return ET.tostring(root, encoding="unicode").replace("\r", "&#13;")
 
 
 def from_xml(text: str) -> DesktopRecord:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import libvirt
 
-from orchestrator import render
+from orchestrator import locks, render
 from orchestrator.domain import DiskLayer
 from orchestrator.errors import StorageError
 
@@ -39,6 +39,13 @@ def pool_lock(pool: libvirt.virStoragePool) -> Iterator[None]:
 
 def ensure_pool(conn: libvirt.virConnect, name: str, path: str) -> libvirt.virStoragePool:
     """Return the active storage pool ``name``, defining a dir pool at ``path`` if missing."""
+    # Two threads or labctl runs that both find no pool would both define it, and the
+    # second define fails with "already exists".
+    with locks.named_lock(f"storage-pool:{conn.getURI()}:{name}"):
+        return _ensure_pool(conn, name, path)
+
+
+def _ensure_pool(conn: libvirt.virConnect, name: str, path: str) -> libvirt.virStoragePool:
     try:
         pool = conn.storagePoolLookupByName(name)
     except libvirt.libvirtError:
