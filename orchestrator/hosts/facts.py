@@ -83,20 +83,28 @@ def decide_accelerator(conn: libvirt.virConnect, uri: str, requested: str = "aut
                 where=uri, fix="set accelerator: auto or tcg for this host",
             )
         return "kvm", "set in the inventory"
-    if "kvm" not in offered:
-        return "tcg", "libvirt offers no kvm domain type (no usable /dev/kvm for libvirtd)"
     if not is_local(uri):
         # TODO: probe remote hosts by booting the probe sector there over SSH; until
-        # then a remote host that libvirt says has kvm is trusted.
-        return "kvm", "libvirt offers kvm on the remote host (not probed)"
+        # then a remote host is trusted when libvirt offers kvm.
+        if "kvm" in offered:
+            return "kvm", "libvirt offers kvm on the remote host (not probed)"
+        return "tcg", "libvirt offers no kvm domain type on the remote host"
+    accelerator, reason = _probe_cached(uri, use_cache)
+    if accelerator == "kvm" and "kvm" not in offered:
+        return "tcg", (f"{reason}, but libvirt offers no kvm domain type (is libvirtd "
+                       "running with /dev/kvm masked?)")
+    return accelerator, reason
+
+
+def _probe_cached(uri: str, use_cache: bool) -> tuple[str, str]:
     cache = _cache_file(uri)
     if use_cache and cache.exists():
         cached = json.loads(cache.read_text())
-        return cached["accelerator"], cached["reason"] + " (cached for this boot)"
+        return cached["accelerator"], cached["reason"] + " (probed earlier in this boot)"
     result = probe.probe_local()
     paths.ensure_private_dir(cache.parent)
     cache.write_text(json.dumps({"accelerator": result.accelerator, "reason": result.reason}))
-    return result.accelerator, result.reason
+    return result.accelerator, f"probe: {result.reason}"
 
 
 def _cache_file(uri: str) -> Path:
