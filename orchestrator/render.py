@@ -31,8 +31,8 @@ def _autoescape(name: str | None) -> bool:
     return bool(name) and (name.endswith(".xml.j2") or name.endswith(".xml"))
 
 
-# XML parsers turn a raw CR into LF, and a raw tab, CR or LF inside an attribute into a
-# space; character references survive both rules.
+# XML parsers read a raw CR as LF, and a raw tab, CR or LF inside an attribute as a space.
+# Character references survive both rules.
 _XML_WHITESPACE_REFS = str.maketrans({"\t": "&#9;", "\n": "&#10;", "\r": "&#13;"})
 _NOT_PRINTABLE_ASCII = re.compile(r"[^\x20-\x7e]")
 

@@ -86,10 +86,14 @@ def probe_local(qemu: str | None = None, *, deadline: float = DEFAULT_DEADLINE) 
 
 
 def _run_until_marker(argv: list[str], deadline: float) -> tuple[bool, str]:
-    process = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+    try:
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+    except OSError as exc:
+        return False, f"cannot run {argv[0]}: {exc.strerror}"
     output = b""
+    closed = False
     try:
         selector = selectors.DefaultSelector()
         selector.register(process.stdout, selectors.EVENT_READ)  # type: ignore[arg-type]
@@ -99,11 +103,13 @@ def _run_until_marker(argv: list[str], deadline: float) -> tuple[bool, str]:
                 continue
             chunk = os.read(process.stdout.fileno(), 4096)  # type: ignore[union-attr]
             if not chunk:
+                closed = True
                 break
             output += chunk
             if MARKER in output:
                 return True, "marker seen"
-        if process.poll() is not None:
+        # End of output means QEMU is exiting, even while poll() still returns None.
+        if closed or process.poll() is not None:
             text = output.decode(errors="replace").strip().splitlines()
             return False, f"QEMU with -accel kvm failed: {text[-1] if text else 'no output'}"
         return False, f"a guest under KVM printed nothing within {deadline:.0f} s (KVM hangs)"

@@ -55,8 +55,8 @@ def to_xml(record: DesktopRecord) -> str:
         child.text = str(getattr(record, name))
     for key, value in sorted(record.extra.items()):
         ET.SubElement(root, "extra", {"key": key}).text = value
-    # ElementTree writes a CR in text as is and XML parsers read it as LF; a character
-    # reference keeps it. Attributes need nothing: ElementTree escapes CR there itself.
+    # ElementTree writes a CR in text as is and XML parsers read it as LF, so a character
+    # reference replaces it. ElementTree already escapes CR in attributes.
     return ET.tostring(root, encoding="unicode").replace("\r", "&#13;")
 
 

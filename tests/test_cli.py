@@ -1,0 +1,209 @@
+"""Tests of the labctl CLI, run as a user runs it: ``python -m orchestrator`` in a subprocess.
+
+Every run gets LABCTL_DATA_DIR under the test's tmp_path, so the real image catalog
+and probe cache are never touched. Errors must be one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.identity.registry import OPERATIONS
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "inventories" / "demo.yaml"
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+def labctl(data_dir: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the CLI with its data directory in ``data_dir``; return the completed process."""
+    env = {**os.environ, "LABCTL_DATA_DIR": str(data_dir)}
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env,
+    )
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """Return the single error line of a failed run, checking the CLI's error contract."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("labctl: error: "), result.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+# --- identity, schema, validate -------------------------------------------------------------
+
+
+def test_identity_list_table(data_dir):
+    result = labctl(data_dir, "identity", "list")
+    assert result.returncode == 0, result.stderr
+    assert len(OPERATIONS) == 10
+    for operation in OPERATIONS:
+        assert operation.name in result.stdout
+
+
+def test_identity_list_json(data_dir):
+    result = labctl(data_dir, "identity", "list", "-o", "json")
+    assert result.returncode == 0, result.stderr
+    listed = json.loads(result.stdout)
+    assert [item["name"] for item in listed] == [
+        "hostname", "machine-id", "ssh-host-keys", "mac", "smbios-uuid", "vm-generation-id",
+        "instance-id", "users", "timezone", "run-once",
+    ]
+    assert all(set(item) == {"name", "default", "description", "applied_by", "detail"}
+               for item in listed)
+
+
+def test_schema_prints_json(data_dir):
+    result = labctl(data_dir, "schema")
+    assert result.returncode == 0, result.stderr
+    schema = json.loads(result.stdout)
+    assert "$schema" in schema
+    assert "pools" in json.dumps(schema)
+
+
+def test_validate_demo(data_dir):
+    result = labctl(data_dir, "validate", str(DEMO))
+    assert result.returncode == 0, result.stderr
+    assert "valid" in result.stdout
+    assert result.stderr == ""
+
+
+MALFORMED = {
+    # name -> (text replacing line 37 of the demo, "size: 3", and the line the error names)
+    "yaml-syntax": ("    size: [3", 38),
+    "wrong-type": ("    size: three", 37),
+    "unknown-key": ("    size: 3\n    colour: red", 38),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_validate_malformed(data_dir, tmp_path, case):
+    replacement, line = MALFORMED[case]
+    lines = DEMO.read_text().splitlines()
+    assert lines[36] == "    size: 3"
+    lines[36] = replacement
+    path = tmp_path / "bad.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    result = labctl(data_dir, "validate", str(path))
+    message = error_line(result)
+    assert f"{path}:{line}" in message
+
+
+def test_validate_missing_file(data_dir, tmp_path):
+    path = tmp_path / "absent.yaml"
+    message = error_line(labctl(data_dir, "validate", str(path)))
+    assert str(path) in message
+
+
+# --- host check -----------------------------------------------------------------------------
+
+
+def test_host_check_refused(data_dir):
+    uri = "qemu+tcp://127.0.0.1:1/system"
+    message = error_line(labctl(data_dir, "host", "check", "--uri", uri, timeout=60))
+    assert uri in message
+    assert "cannot connect" in message
+
+
+@pytest.mark.libvirt
+def test_host_check_tcg(data_dir):
+    result = labctl(data_dir, "host", "check", timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "tcg" in result.stdout
+
+
+@pytest.mark.libvirt
+def test_host_check_json(data_dir):
+    result = labctl(data_dir, "host", "check", "-o", "json", timeout=300)
+    assert result.returncode == 0, result.stderr
+    facts = json.loads(result.stdout)
+    for key in ("uri", "libvirt_version", "qemu_version", "accelerator",
+                "storage_free_bytes", "ksm_available"):
+        assert key in facts, key
+    assert facts["accelerator"] == "tcg"
+    assert facts["uri"] == "qemu:///system"
+    assert facts["storage_free_bytes"] > 0
+    assert isinstance(facts["ksm_available"], bool)
+
+
+# --- image import ---------------------------------------------------------------------------
+
+
+def qemu_img(*args: str) -> None:
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True, timeout=60)
+
+
+def test_import_missing(data_dir, tmp_path):
+    path = tmp_path / "absent.qcow2"
+    message = error_line(labctl(data_dir, "image", "import", str(path), "--name", "x"))
+    assert str(path) in message
+    assert "not found" in message
+
+
+def test_import_corrupt(data_dir, tmp_path):
+    path = tmp_path / "corrupt.qcow2"
+    garbage = bytes((index * 37 + 11) % 256 for index in range(4096))
+    path.write_bytes(QCOW2_MAGIC + garbage)
+    message = error_line(labctl(data_dir, "image", "import", str(path), "--name", "x"))
+    assert str(path) in message
+    assert not (data_dir / "images" / "x").exists()
+
+
+def test_import_broken_chain(data_dir, tmp_path):
+    base = tmp_path / "base.qcow2"
+    overlay = tmp_path / "overlay.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(base), "16M")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(overlay))
+    base.unlink()
+    message = error_line(labctl(data_dir, "image", "import", str(overlay), "--name", "x"))
+    assert str(overlay) in message
+    assert str(base) in message
+
+
+def test_import_overlay_refused(data_dir, tmp_path):
+    base = tmp_path / "base.qcow2"
+    overlay = tmp_path / "overlay.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(base), "16M")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(overlay))
+    message = error_line(labctl(data_dir, "image", "import", str(overlay), "--name", "x"))
+    assert str(overlay) in message
+    assert "backing file" in message
+
+
+def test_import_valid(data_dir, tmp_path):
+    path = tmp_path / "small.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(path), "16M")
+    result = labctl(data_dir, "image", "import", str(path), "--name", "small", "-o", "json")
+    assert result.returncode == 0, result.stderr
+    image = json.loads(result.stdout)
+    assert image["name"] == "small"
+    assert image["format"] == "qcow2"
+    assert image["virtual_size"] == 16 << 20
+    assert Path(image["path"]).is_relative_to(data_dir)
+    listed = json.loads(labctl(data_dir, "image", "list", "-o", "json").stdout)
+    assert [item["ref"] for item in listed] == [image["ref"]]
+
+
+# --- argument errors ------------------------------------------------------------------------
+
+
+def test_unknown_command(data_dir):
+    result = labctl(data_dir, "frobnicate")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "invalid choice" in result.stderr
