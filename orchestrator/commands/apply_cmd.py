@@ -188,9 +188,12 @@ def run_smoke(args: argparse.Namespace) -> int:
     image = recipes.ensure(args.image, progress=lambda m: printer("image", "build", m))
     result = smoke(image, HostSettings(uri=args.uri), printer, memory_bytes=args.memory << 20)
     if args.output == "json":
-        output.print_json({"image": image.ref, "desktop": result.name,
-                           "hostname": result.hostname, "machine_id": result.machine_id,
-                           "accelerator": result.accelerator, "timings": result.timings})
+        # One line, like the event lines before it, so scripts read the output line by line.
+        sys.stdout.write(json.dumps({"event": "result", "image": image.ref,
+                                     "desktop": result.name, "hostname": result.hostname,
+                                     "machine_id": result.machine_id,
+                                     "accelerator": result.accelerator,
+                                     "timings": result.timings}) + "\n")
         return 0
     print(f"image        {image.ref}")
     print(f"accelerator  {result.accelerator}")
