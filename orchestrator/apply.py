@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import libvirt
 
+from orchestrator import cancel
 from orchestrator.errors import LabctlError
 from orchestrator.identity import keys
 from orchestrator.plan import Action, Plan
@@ -48,23 +49,33 @@ def apply_plan(plan: Plan, on_event: EventSink, *, replace: bool = False) -> App
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="provision") as executor:
         futures = {executor.submit(_converge, plan, action, access_key, on_event): action
                    for action in work}
-        for future in as_completed(futures):
-            action = futures[future]
-            try:
-                timings = future.result()
-            except LabctlError as exc:
-                result.failed[action.desktop] = exc
-                log.info("%s failed: %s", action.desktop, exc)
-                continue
-            target = result.updated if action.kind == "update" else result.created
-            target.append(action.desktop)
-            if timings:
-                result.timings[action.desktop] = timings
+        try:
+            _collect(futures, result)
+        except KeyboardInterrupt:
+            # Workers stop at their next wait or step and undo their desktop; leaving
+            # the with block waits for them, so nothing half-made stays behind.
+            cancel.request()
+            raise
     for ctx in plan.hosts.values():
         pool = ctx.existing_pool()
         if pool is not None:
             replica.remove_unused(pool)
     return result
+
+
+def _collect(futures: dict, result: ApplyResult) -> None:
+    for future in as_completed(futures):
+        action = futures[future]
+        try:
+            timings = future.result()
+        except LabctlError as exc:
+            result.failed[action.desktop] = exc
+            log.info("%s failed: %s", action.desktop, exc)
+            continue
+        target = result.updated if action.kind == "update" else result.created
+        target.append(action.desktop)
+        if timings:
+            result.timings[action.desktop] = timings
 
 
 def _run(result: ApplyResult, action: Action, work, done: list[str]) -> None:

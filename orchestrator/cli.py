@@ -55,9 +55,15 @@ def _configure_logging(verbosity: int) -> None:
         logging.getLogger("paramiko").setLevel(logging.CRITICAL)
 
 
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     # Exit quietly when the reader of a pipe (head, less) goes away, as Unix tools do.
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    # SIGTERM takes the same path as Ctrl-C: interrupted desktops are rolled back.
+    signal.signal(signal.SIGTERM, _interrupt)
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
@@ -67,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"labctl: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("labctl: interrupted", file=sys.stderr)
+        print("labctl: interrupted; desktops that were being provisioned were rolled back",
+              file=sys.stderr)
         return 130
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import libvirt
 import libvirt_qemu
 
+from orchestrator import cancel
 from orchestrator.errors import GuestError, GuestTimeout
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def wait_for_agent(domain: libvirt.virDomain, *, timeout: float, poll: float = 0
                 fix="check that the image runs qemu-guest-agent on the "
                 "org.qemu.guest_agent.0 port, and read the console log",
             )
-        time.sleep(poll)
+        cancel.sleep(poll)
 
 
 def run(domain: libvirt.virDomain, argv: list[str], *, timeout: float = 30,
@@ -94,7 +95,7 @@ def run(domain: libvirt.virDomain, argv: list[str], *, timeout: float = 30,
                 f"command {argv[0]} did not finish within {timeout:.0f} s in the guest",
                 where=domain.name(),
             )
-        time.sleep(0.1)
+        cancel.sleep(0.1)
 
 
 def check_output(domain: libvirt.virDomain, argv: list[str], *, timeout: float = 30) -> str:

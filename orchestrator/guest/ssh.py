@@ -10,6 +10,7 @@ import time
 
 import paramiko
 
+from orchestrator import cancel
 from orchestrator.errors import GuestError, GuestTimeout
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def wait_for_login(address: str, port: int, user: str, private_key: str, host_ke
             ) from exc
         except (paramiko.SSHException, OSError, EOFError, socket.timeout) as exc:
             last_error = f"{type(exc).__name__}: {exc}"
-            time.sleep(1)
+            cancel.sleep(1)
             continue
         try:
             _stdin, stdout, _stderr = client.exec_command("id -un", timeout=10)
@@ -68,7 +69,7 @@ def wait_for_login(address: str, port: int, user: str, private_key: str, host_ke
         if output == user:
             return time.monotonic() - start
         last_error = f"id -un printed {output!r}"
-        time.sleep(1)
+        cancel.sleep(1)
     raise GuestTimeout(
         f"SSH login as {user} on {address}:{port} did not work within {timeout:.0f} s "
         f"(last error: {last_error})",

@@ -23,7 +23,7 @@ from orchestrator.provision.steps import EventSink, Step, run_steps
 from orchestrator.state import metadata
 from orchestrator.state.metadata import DesktopRecord
 from orchestrator.storage import pool as volumes
-from orchestrator.storage.replica import Replica, ensure_replica
+from orchestrator.storage.replica import Replica, ensure_replica, replica_lock
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,6 @@ class Provisioning:
     def steps(self) -> list[Step]:
         return [
             Step("check", self.check_name),
-            Step("replica", self.ensure_replica),
             Step("identity", self.make_identity),
             Step("os-disk", self.create_os_disk, self.remove_os_disk),
             Step("seed", self.create_seed, self.remove_seed),
@@ -86,11 +85,6 @@ class Provisioning:
         for name in (os_volume_name(self.request.name), seed_volume_name(self.request.name)):
             if volumes.delete(self.ctx.pool, name):
                 log.info("%s: removed leftover volume %s", self.request.name, name)
-
-    def ensure_replica(self) -> None:
-        started = time.monotonic()
-        self.replica = ensure_replica(self.ctx.pool, self.request.image)
-        self.timings["replica"] = time.monotonic() - started
 
     def make_identity(self) -> None:
         request = self.request
@@ -122,7 +116,16 @@ class Provisioning:
             self.ssh_port = self.ctx.allocator.ssh_port()
 
     def create_os_disk(self) -> None:
+        """Ensure the replica and create the desktop's disk on it under the replica's lock."""
         started = time.monotonic()
+        pool, image = self.ctx.pool, self.request.image
+        with replica_lock(pool, image.version):
+            self.replica = ensure_replica(pool, image)
+            self.timings["replica"] = time.monotonic() - started
+            self._create_os_volume()
+        self.timings["storage"] = time.monotonic() - started
+
+    def _create_os_volume(self) -> None:
         assert self.replica is not None
         name = os_volume_name(self.request.name)
         if self.request.clone == "linked":
@@ -132,7 +135,6 @@ class Provisioning:
             source = self.ctx.conn.storageVolLookupByPath(self.replica.disk.path)
             volume = volumes.clone_volume(self.ctx.pool, name, source, self.request.disk_size)
         self.os_disk = volume.path()
-        self.timings["storage"] = time.monotonic() - started
 
     def remove_os_disk(self) -> None:
         volumes.delete(self.ctx.pool, os_volume_name(self.request.name))

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import libvirt
 
+from orchestrator import cancel
 from orchestrator.errors import GuestError, GuestTimeout
 from orchestrator.guest import agent, ssh
 
@@ -79,7 +80,7 @@ def wait_identity(domain: libvirt.virDomain, expected: Expected, *, timeout: flo
                 fix="check that the image applies the NoCloud seed (cloud-init) and read "
                 "the console log",
             )
-        time.sleep(1)
+        cancel.sleep(1)
 
 
 def guest_address(domain: libvirt.virDomain, mac: str, *, timeout: float) -> str:
@@ -96,6 +97,6 @@ def guest_address(domain: libvirt.virDomain, mac: str, *, timeout: float) -> str
             for address in interface.get("ip-addresses", []):
                 if address.get("ip-address-type") == "ipv4":
                     return str(address["ip-address"])
-        time.sleep(1)
+        cancel.sleep(1)
     raise GuestTimeout(f"no IPv4 address on the NIC {mac} within {timeout:.0f} s",
                        where=domain.name(), fix="check DHCP on the network")

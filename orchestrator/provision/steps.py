@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from orchestrator import cancel
 from orchestrator.errors import LabctlError
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ def run_steps(desktop: str, steps: list[Step], on_event: EventSink) -> None:
         started = time.monotonic()
         on_event(desktop, step.name, "start")
         try:
+            cancel.check()
             step.do()
         except BaseException as exc:
             on_event(desktop, step.name, "failed")

@@ -41,13 +41,20 @@ def _names(image: ImageVersion) -> dict[str, str]:
     return names
 
 
+def replica_lock(pool: libvirt.virStoragePool, version: str):
+    """Lock one replica: held while it is uploaded, while an overlay is put on it, and
+    while it is checked for users and removed, so it never goes away under a new overlay."""
+    return locks.named_lock(f"replica:{pool.connect().getURI()}:{pool.name()}:{version}")
+
+
 def ensure_replica(pool: libvirt.virStoragePool, image: ImageVersion) -> Replica:
-    """Return the replica of ``image`` in ``pool``, uploading it once if it is missing."""
+    """Return the replica of ``image`` in ``pool``, uploading it once if it is missing.
+
+    The caller holds ``replica_lock`` for the image's version.
+    """
     names = _names(image)
-    uri = pool.connect().getURI()
-    with locks.named_lock(f"replica:{uri}:{pool.name()}:{image.version}"):
-        if volumes.find_volume(pool, names["marker"]) is None:
-            _upload(pool, image, names)
+    if volumes.find_volume(pool, names["marker"]) is None:
+        _upload(pool, image, names)
     disk = volumes.find_volume(pool, names["disk"])
     if disk is None:
         raise StorageError(
@@ -107,20 +114,26 @@ def remove_unused(pool: libvirt.virStoragePool) -> list[str]:
                    if v.name().startswith(PREFIX) and v.name().endswith(".complete")]
     for marker in markers:
         base = marker[: -len(".complete")]
-        disks = [v for v in pool.listAllVolumes(0)
-                 if v.name().startswith(base + ".") and v.name() != marker]
-        disk_paths = [v.path() for v in disks
-                      if not v.name().endswith((".kernel", ".initrd"))]
-        in_use = [user for path in disk_paths for user in replica_users(conn, pool, path)]
-        kernel_users = [user for v in disks if v.name().endswith((".kernel", ".initrd"))
-                        for user in replica_users(conn, pool, v.path())]
-        if in_use or kernel_users:
-            continue
-        # The marker goes first, so an interruption leaves an incomplete replica, which
-        # the next upload replaces, never a marker without its disk.
-        volumes.delete(pool, marker)
-        for volume in disks:
-            volumes.delete(pool, volume.name())
-            removed.append(volume.name())
-        log.info("removed unused replica %s", base)
+        with replica_lock(pool, base[len(PREFIX):]):
+            removed += _remove_if_unused(pool, conn, base, marker)
+    return removed
+
+
+def _remove_if_unused(pool: libvirt.virStoragePool, conn: libvirt.virConnect, base: str,
+                      marker: str) -> list[str]:
+    if volumes.find_volume(pool, marker) is None:
+        return []
+    members = [v for v in pool.listAllVolumes(0)
+               if v.name().startswith(base + ".") and v.name() != marker]
+    users = [user for volume in members for user in replica_users(conn, pool, volume.path())]
+    if users:
+        return []
+    # The marker goes first, so an interruption leaves an incomplete replica, which
+    # the next upload replaces, never a marker without its disk.
+    volumes.delete(pool, marker)
+    removed = []
+    for volume in members:
+        volumes.delete(pool, volume.name())
+        removed.append(volume.name())
+    log.info("removed unused replica %s", base)
     return removed
