@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from orchestrator import output
+from orchestrator import locks, output
 from orchestrator import status as status_module
 from orchestrator.apply import apply_plan
 from orchestrator.bench import run_bench, summarize
@@ -88,6 +88,11 @@ def show_plan(args: argparse.Namespace) -> int:
 
 def run_apply(args: argparse.Namespace) -> int:
     inventory = load_inventory(args.inventory)
+    with locks.exclusive_run(f"inventory:{inventory.name}", f"run on inventory {inventory.name}"):
+        return _apply(args, inventory)
+
+
+def _apply(args: argparse.Namespace, inventory) -> int:
     printer = output.EventPrinter(json_lines=args.output == "json")
     plan = make_plan(inventory, build_images=True,
                      progress=lambda message: printer("image", "build", message))
@@ -162,6 +167,11 @@ def show_status(args: argparse.Namespace) -> int:
 
 def run_destroy(args: argparse.Namespace) -> int:
     inventory = load_inventory(args.inventory)
+    with locks.exclusive_run(f"inventory:{inventory.name}", f"run on inventory {inventory.name}"):
+        return _destroy(args, inventory)
+
+
+def _destroy(args: argparse.Namespace, inventory) -> int:
     printer = output.EventPrinter(json_lines=args.output == "json")
     hosts_used = sorted({pool.host for pool in inventory.pools.values()} | set(inventory.hosts))
     failed = 0
