@@ -64,7 +64,7 @@ def build_image(args: argparse.Namespace) -> int:
     with err.status(f"building {args.name}") as status:
         def progress(message: str) -> None:
             status.update(f"building {args.name}: {message}")
-            err.log(message)
+            err.print(f"[{time.monotonic() - started:6.1f}s] {message}")
 
         image = recipes.build(args.name, force=args.force, progress=progress)
     _print_image(image, args, time.monotonic() - started)
