@@ -15,7 +15,6 @@ import libvirt
 
 from orchestrator.hosts.context import HostContext, HostSettings, open_host
 from orchestrator.identity import keys
-from orchestrator.identity.desktop import UserAccount
 from orchestrator.images.catalog import ImageVersion
 from orchestrator.provision import desktop as provisioning
 from orchestrator.provision.readiness import read_identity
@@ -47,7 +46,6 @@ def run_smoke(image: ImageVersion, settings: HostSettings, on_event: EventSink, 
     request = DesktopRequest(
         name=name, inventory=inventory, pool="smoke", index=1, clone="linked", image=image,
         host=settings.name, memory_bytes=memory_bytes, network=NetworkSpec("user", "user"),
-        users=(UserAccount("labctl", sudo=True),) if image.identity == "cloud-init" else (),
         ready_timeout=timeout,
     )
     try:

@@ -96,7 +96,7 @@ class Provisioning:
                 sudo=user.sudo,
                 shell=user.shell,
             )
-            for user in request.users
+            for user in request.login_users
         )
         self.identity = DesktopIdentity(
             name=request.name,

@@ -10,6 +10,9 @@ from orchestrator.identity.desktop import UserAccount
 from orchestrator.images.catalog import ImageVersion
 
 
+DEFAULT_USER = "labctl"
+
+
 @dataclass(frozen=True)
 class NetworkSpec:
     """``mode`` user (restricted QEMU user networking, SSH on 127.0.0.1), network or bridge."""
@@ -49,11 +52,21 @@ class DesktopRequest:
         return max(self.disk_bytes, self.image.virtual_size)
 
     @property
+    def login_users(self) -> tuple[UserAccount, ...]:
+        """The pool's users, or labctl's own sudo user when a cloud-init pool declares none.
+
+        cloud-init images disable root logins, so without any user no one could log in.
+        """
+        if self.users or self.image.identity != "cloud-init":
+            return self.users
+        return (UserAccount(DEFAULT_USER, sudo=True),)
+
+    @property
     def login_user(self) -> str:
         """The account ``labctl ssh`` and the readiness check log in as."""
-        if self.image.identity == "labctl-seed" or not self.users:
+        if self.image.identity == "labctl-seed":
             return "root"
-        return self.users[0].name
+        return self.login_users[0].name
 
     def config_hash(self) -> str:
         """Hash of everything that, when changed, makes the desktop out of date."""

@@ -205,6 +205,19 @@ def _stream_file(conn: libvirt.virConnect, volume: libvirt.virStorageVol, source
             raise
 
 
+def refresh(pool: libvirt.virStoragePool) -> None:
+    """Rescan the pool's directory, unless another client is building a volume in it.
+
+    libvirt rejects a refresh while a volume is built ("has asynchronous jobs running").
+    Skipping it is safe for labctl's own volumes, because libvirt lists every volume
+    created or deleted through its API without a refresh.
+    """
+    try:
+        pool.refresh(0)
+    except libvirt.libvirtError as exc:
+        log.debug("not refreshing storage pool %s: %s", pool.name(), exc.get_error_message())
+
+
 def delete(pool: libvirt.virStoragePool, name: str) -> bool:
     """Delete volume ``name`` if it exists; return whether it existed."""
     with pool_lock(pool):

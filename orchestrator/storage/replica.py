@@ -96,9 +96,15 @@ def replica_users(conn: libvirt.virConnect, pool: libvirt.virStoragePool,
         sources |= {root.findtext("os/kernel"), root.findtext("os/initrd")}
         if replica_path in sources:
             users.append(f"domain {domain.name()}")
-    pool.refresh(0)
+    volumes.refresh(pool)
     for volume in pool.listAllVolumes(0):
-        backing = ET.fromstring(volume.XMLDesc(0)).findtext("backingStore/path")
+        try:
+            volume_xml = volume.XMLDesc(0)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
+                continue  # deleted by another run after the listing
+            raise
+        backing = ET.fromstring(volume_xml).findtext("backingStore/path")
         if backing == replica_path:
             users.append(f"volume {volume.name()}")
     return users
@@ -109,7 +115,7 @@ def remove_unused(pool: libvirt.virStoragePool) -> list[str]:
     conn = pool.connect()
     removed = []
     with volumes.pool_lock(pool):
-        pool.refresh(0)
+        volumes.refresh(pool)
         markers = [v.name() for v in pool.listAllVolumes(0)
                    if v.name().startswith(PREFIX) and v.name().endswith(".complete")]
     for marker in markers:
