@@ -40,7 +40,7 @@ def apply_plan(plan: Plan, on_event: EventSink, *, replace: bool = False) -> App
     access_key = keys.access_key(plan.inventory.name)
     for action in plan.of_kind("delete"):
         _run(result, action, lambda a=action: _delete(plan, a, on_event), result.deleted)
-    work = plan.of_kind("create", "update", "replace")
+    work = plan.of_kind("create", "update", "replace", "start")
     if replace:
         work += plan.of_kind("outdated")
     else:
@@ -93,12 +93,25 @@ def _delete(plan: Plan, action: Action, on_event: EventSink) -> None:
     remove_desktop(ctx, ctx.conn.lookupByName(action.desktop), plan.inventory.name, on_event)
 
 
+def _start(ctx, name: str, on_event: EventSink) -> None:
+    on_event(name, "start", "start")
+    try:
+        ctx.conn.lookupByName(name).create()
+    except libvirt.libvirtError as exc:
+        raise LabctlError(f"starting the desktop failed: {exc.get_error_message()}",
+                          where=name) from exc
+    on_event(name, "start", "done")
+
+
 def _converge(plan: Plan, action: Action, access_key: keys.KeyPair,
               on_event: EventSink) -> dict[str, float]:
     ctx = plan.hosts[action.host]
     assert action.request is not None
     if action.kind == "update":
         update_hardware(ctx, ctx.conn.lookupByName(action.desktop), action.request, on_event)
+        return {}
+    if action.kind == "start":
+        _start(ctx, action.desktop, on_event)
         return {}
     if action.kind in ("replace", "outdated"):
         try:

@@ -56,7 +56,15 @@ def _configure_logging(verbosity: int) -> None:
 
 
 def _interrupt(_signum: int, _frame: object) -> None:
+    # A second Ctrl-C would break off the rollback itself and leave volumes behind,
+    # so after the first one further interrupts only say that the rollback runs.
+    signal.signal(signal.SIGINT, _rolling_back)
+    signal.signal(signal.SIGTERM, _rolling_back)
     raise KeyboardInterrupt
+
+
+def _rolling_back(_signum: int, _frame: object) -> None:
+    print("labctl: rolling back the interrupted desktops, please wait", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,8 +72,16 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     # SIGTERM takes the same path as Ctrl-C: interrupted desktops are rolled back.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after "--" is a command for the guest (labctl ssh), never labctl options.
+    remote_command: list[str] = []
+    if "--" in argv:
+        split = argv.index("--")
+        argv, remote_command = argv[:split], argv[split + 1:]
     args = parser.parse_args(argv)
+    args.remote_command = remote_command
     _configure_logging(args.verbose)
     try:
         return int(args.handler(args) or 0)

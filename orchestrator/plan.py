@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import libvirt
 
@@ -32,7 +33,7 @@ READY_TIMEOUT = {"kvm": 300.0, "tcg": 1200.0}
 
 @dataclass
 class Action:
-    """One change: create, delete, update (hardware, in place), replace or keep."""
+    """One change: create, delete, update (hardware, in place), start, replace or keep."""
 
     kind: str
     desktop: str
@@ -137,6 +138,7 @@ def desktop_requests(inventory: Inventory, images: dict[str, ImageVersion | None
                 domain=pool.identity.domain or "", users=users,
                 timezone=pool.identity.timezone, run_once=tuple(pool.identity.run_once),
                 ready_timeout=READY_TIMEOUT[accelerator],
+                inventory_path=str(Path(inventory.path).resolve()),
             ))
     return requests
 
@@ -253,6 +255,7 @@ def _check_host(inventory: Inventory, ctx: HostContext, requests: list[DesktopRe
 
 def _diff(plan: Plan, ctx: HostContext, requests: list[DesktopRequest]) -> None:
     observed = observed_desktops(ctx, plan.inventory.name)
+    _check_same_file(plan.inventory, observed)
     wanted = {request.name for request in requests}
     for request in requests:
         found = observed.get(request.name)
@@ -260,25 +263,51 @@ def _diff(plan: Plan, ctx: HostContext, requests: list[DesktopRequest]) -> None:
             plan.actions.append(Action("create", request.name, request.pool, ctx.settings.name,
                                        "missing", request=request))
             continue
-        _domain, record = found
-        plan.actions.append(_compare(request, record, ctx.settings.name))
+        domain, record = found
+        plan.actions.append(_compare(ctx, domain, request, record))
     for name, (_domain, record) in sorted(observed.items()):
         if name not in wanted:
             plan.actions.append(Action("delete", name, record.pool, ctx.settings.name,
                                        "not in the inventory", record=record))
 
 
-def _compare(request: DesktopRequest, record: DesktopRecord, host: str) -> Action:
+def _check_same_file(inventory: Inventory, observed: dict) -> None:
+    """Refuse to manage desktops that another inventory file with the same name created.
+
+    The inventory's name scopes its desktops, and it defaults to the file's stem, so two
+    checkouts' demo.yaml would otherwise delete each other's desktops.
+    """
+    here = str(Path(inventory.path).resolve())
+    for name, (_domain, record) in sorted(observed.items()):
+        recorded = record.extra.get("inventory_path", "")
+        if recorded and recorded != here:
+            raise ConflictError(
+                f"inventory name {inventory.name} is already used by {recorded} "
+                f"(desktop {name} on this host)",
+                where=inventory.where(("name",)),
+                fix="give this inventory its own name: key, or run labctl with that file",
+            )
+
+
+def _compare(ctx: HostContext, domain: libvirt.virDomain, request: DesktopRequest,
+             record: DesktopRecord) -> Action:
     def action(kind: str, reason: str) -> Action:
-        return Action(kind, request.name, request.pool, host, reason, request=request,
-                      record=record)
+        return Action(kind, request.name, request.pool, ctx.settings.name, reason,
+                      request=request, record=record)
 
     if record.state != "ready":
         return action("replace", f"left {record.state} by an interrupted run")
+    for path in (record.disk, record.seed):
+        try:
+            ctx.conn.storageVolLookupByPath(path)
+        except libvirt.libvirtError:
+            return action("replace", f"its volume {path} is missing")
     if request.image.version != "unbuilt" and record.config_hash != request.config_hash():
         if record.image != request.image.ref:
             return action("outdated", f"image changed: {record.image} -> {request.image.ref}")
         return action("outdated", "clone method, disk, network or identity settings changed")
     if record.extra.get("hardware_hash") != request.hardware_hash():
         return action("update", "vCPUs or memory changed")
+    if not domain.isActive():
+        return action("start", "shut off")
     return action("keep", "up to date")

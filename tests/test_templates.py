@@ -230,7 +230,6 @@ def expected_user_data(context: dict[str, object]) -> dict[str, object]:
         "disable_root": True,
         "ssh_pwauth": context["password_login"],
         "ssh_deletekeys": True,
-        "ssh_genkeytypes": [],
         "ssh_keys": {"ed25519_private": key.private, "ed25519_public": key.public},
     }
     if context["timezone"]:

@@ -20,8 +20,8 @@ from orchestrator.provision.remove import remove_desktop
 from orchestrator.smoke import run_smoke as smoke
 from orchestrator.storage import replica
 
-_SYMBOLS = {"create": "+", "delete": "-", "update": "~", "replace": "!", "outdated": "?",
-            "keep": "="}
+_SYMBOLS = {"create": "+", "delete": "-", "update": "~", "start": ">", "replace": "!",
+            "outdated": "?", "keep": "="}
 
 
 def register(commands, add_output) -> None:
@@ -73,12 +73,17 @@ def show_plan(args: argparse.Namespace) -> int:
                                "actions": _describe_plan(plan)})
             return 0
         for key in plan.images_to_build:
-            print(f"  build image {inventory.images[key].build} (not in the catalog yet)")
+            ref = inventory.images[key]
+            if ref.build:
+                print(f"  build image {ref.build} (not in the catalog yet)")
+            else:
+                print(f"  import image {key} from {ref.path}")
         for action in plan.actions:
             print(f"{_SYMBOLS[action.kind]} {action.kind:<8} {action.desktop:<16} "
                   f"pool {action.pool:<12} {action.reason}")
         counts = {kind: len(plan.of_kind(kind)) for kind in _SYMBOLS}
         print(f"Plan: {counts['create']} to create, {counts['update']} to update, "
+              f"{counts['start']} to start, "
               f"{counts['replace'] + counts['outdated']} to replace, {counts['delete']} to "
               f"delete, {counts['keep']} unchanged.")
     finally:

@@ -25,7 +25,7 @@ def register(commands, add_output) -> None:
                      help="inventory file, for the host's libvirt URI")
     ssh.add_argument("--uri", help=f"libvirt URI (default: the inventory's, else {DEFAULT_URI})")
     ssh.add_argument("--user", "-l", help="login user (default: the pool's first user)")
-    ssh.add_argument("command", nargs=argparse.REMAINDER, help="command to run instead of a shell")
+    ssh.epilog = "A command after -- runs instead of a shell, e.g.: labctl ssh lab-01 -- uname -a"
     ssh.set_defaults(handler=open_shell)
 
 
@@ -70,7 +70,7 @@ def open_shell(args: argparse.Namespace) -> int:
         ssh_binary, "-i", str(key_path), "-p", str(record.ssh_port),
         "-o", f"UserKnownHostsFile={known_hosts}", "-o", "StrictHostKeyChecking=yes",
         "-o", "IdentitiesOnly=yes",
-        f"{user}@127.0.0.1", *args.command,
+        f"{user}@127.0.0.1", *args.remote_command,
     ]
     os.execv(ssh_binary, argv)
     return 0  # not reached

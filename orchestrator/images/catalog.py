@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,8 @@ from orchestrator.storage import qemuimg
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+# The same rule as the inventory's keys, so every catalog name can be used there.
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 VERSION_DIGITS = 12
 
 
@@ -130,8 +133,19 @@ def register(name: str, disk: Path, *, boot_files: dict[str, Path] | None = None
     instead of copying them (for freshly built images on the same filesystem).
     ``boot_files`` maps "kernel" and "initrd" to paths.
     """
+    if not NAME_RE.fullmatch(name):
+        raise ImageError(f"invalid image name {name!r}",
+                         fix="use lowercase letters, digits, '-' and '_', at most 32 characters, "
+                         "starting with a letter or digit")
     chain = qemuimg.backing_chain(disk)
     top = chain[0]
+    if top.data_file:
+        # QEMU would open that host file for the guest: an image must not name one.
+        raise ImageError(f"qcow2 image names an external data file ({top.data_file})",
+                         where=str(disk), fix="convert it into a self-contained image: "
+                         f"qemu-img convert -O qcow2 {disk} image.qcow2")
+    if Path(disk).stat().st_size == 0:
+        raise ImageError("image file is empty", where=str(disk))
     if len(chain) > 1 or top.backing_file:
         raise ImageError(
             f"image has a backing file ({top.backing_file}); golden images must stand alone",

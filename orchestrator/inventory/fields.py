@@ -146,6 +146,24 @@ HexVersion = Annotated[
 ]
 
 URI_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*")
+
+
+def _libvirt_uri(value: str) -> str:
+    """Reject URIs that make libvirt's client run a program named in the inventory."""
+    scheme = value.split("://", 1)[0].lower()
+    query = value.split("?", 1)[1].lower() if "?" in value else ""
+    if scheme.endswith("+ext") or any(
+        part.split("=", 1)[0] in ("command", "netcat", "proxy")
+        for part in query.replace(";", "&").split("&")
+    ):
+        raise labctl_error(
+            f"libvirt URI {quote(value)} names a program for libvirt to run "
+            "(the ext transport, or a command=, netcat= or proxy= parameter)",
+            fix="use qemu:///system or qemu+ssh://user@host/system",
+        )
+    return value
+
+
 LibvirtUri = Annotated[
     str,
     AfterValidator(
@@ -155,6 +173,7 @@ LibvirtUri = Annotated[
             "a URI with a scheme, such as qemu:///system or qemu+ssh://user@host/system",
         )
     ),
+    AfterValidator(_libvirt_uri),
     _string_schema(URI_RE, "libvirt connection URI, such as qemu:///system."),
 ]
 

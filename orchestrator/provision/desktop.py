@@ -188,6 +188,7 @@ class Provisioning:
             ssh_port=self.ssh_port or 22,
             login_user=self.request.login_user,
             host_key=self.identity.ssh_host_key.public,
+            cloud_init=self.request.image.identity == "cloud-init",
         )
         if self.request.network.mode != "user":
             address = readiness.guest_address(self.domain, self.identity.mac,
@@ -235,6 +236,7 @@ class Provisioning:
                 "login_user": request.login_user,
                 "hardware_hash": request.hardware_hash(),
                 "network_mode": request.network.mode,
+                "inventory_path": request.inventory_path,
             },
         )
 

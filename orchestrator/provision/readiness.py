@@ -23,6 +23,7 @@ class Expected:
     ssh_port: int
     login_user: str
     host_key: str
+    cloud_init: bool = False
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ def wait_ready(domain: libvirt.virDomain, expected: Expected, access_key: str, *
     deadline = time.monotonic() + timeout
     agent_seconds = agent.wait_for_agent(domain, timeout=_left(deadline))
     identity_seconds = wait_identity(domain, expected, timeout=_left(deadline))
+    if expected.cloud_init:
+        identity_seconds += wait_cloud_init(domain, timeout=_left(deadline))
     ssh_seconds = ssh.wait_for_login(
         expected.ssh_address, expected.ssh_port, expected.login_user, access_key,
         expected.host_key, timeout=_left(deadline), name=domain.name(),
@@ -81,6 +84,36 @@ def wait_identity(domain: libvirt.virDomain, expected: Expected, *, timeout: flo
                 "the console log",
             )
         cancel.sleep(1)
+
+
+def wait_cloud_init(domain: libvirt.virDomain, *, timeout: float) -> float:
+    """Wait until cloud-init has finished every stage; raise GuestError if it reports errors.
+
+    The hostname is set early; users, timezone and run-once commands come later, so a
+    desktop is not ready before cloud-init says done.
+    """
+    start = time.monotonic()
+    status = ""
+    while time.monotonic() - start < timeout:
+        try:
+            status = agent.run(domain, ["cloud-init", "status"]).stdout.strip()
+        except GuestError as exc:
+            log.debug("%s: cloud-init status not readable yet: %s", domain.name(), exc)
+        if "status: done" in status:
+            return time.monotonic() - start
+        if "status: error" in status or "status: degraded" in status:
+            detail = agent.run(domain, ["cloud-init", "status", "--long"]).stdout
+            errors = [line.strip() for line in detail.splitlines()
+                      if line.strip() and not line.startswith(("status", "time", "detail"))]
+            raise GuestError(
+                f"cloud-init finished with errors: {'; '.join(errors[-3:]) or status}",
+                where=domain.name(),
+                fix="check run_once commands and users; the guest's "
+                "/var/log/cloud-init-output.log has the details",
+            )
+        cancel.sleep(2)
+    raise GuestTimeout(f"cloud-init did not finish within {timeout:.0f} s (last: {status!r})",
+                       where=domain.name())
 
 
 def guest_address(domain: libvirt.virDomain, mac: str, *, timeout: float) -> str:

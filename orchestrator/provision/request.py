@@ -41,6 +41,7 @@ class DesktopRequest:
     timezone: str = ""
     run_once: tuple[str, ...] = ()
     ready_timeout: float = 900.0
+    inventory_path: str = ""
 
     @property
     def fqdn(self) -> str:
@@ -73,7 +74,8 @@ class DesktopRequest:
         data = asdict(self)
         data["image"] = self.image.ref
         # Hardware changes are applied in place (see hardware_hash), not by re-creating.
-        for volatile in ("name", "index", "ready_timeout", "vcpus", "memory_bytes"):
+        for volatile in ("name", "index", "ready_timeout", "vcpus", "memory_bytes",
+                         "inventory_path"):
             data.pop(volatile)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -87,7 +87,10 @@ def read(domain: libvirt.virDomain) -> DesktopRecord | None:
     try:
         text = domain.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NAMESPACE, 0)
     except libvirt.libvirtError as exc:
-        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+        # A domain that vanished since it was listed (another program removed it)
+        # has no record either.
+        if exc.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN_METADATA,
+                                    libvirt.VIR_ERR_NO_DOMAIN):
             return None
         raise
     return from_xml(text)

@@ -25,6 +25,7 @@ class ImageInfo:
     actual_size: int
     backing_file: str | None
     backing_format: str | None
+    data_file: str | None = None
 
 
 def _run(argv: list[str], *, what: str, path: str) -> str:
@@ -50,6 +51,7 @@ def _layer(entry: dict) -> ImageInfo:
         actual_size=int(entry.get("actual-size", 0)),
         backing_file=entry.get("full-backing-filename") or entry.get("backing-filename"),
         backing_format=entry.get("backing-filename-format"),
+        data_file=entry.get("format-specific", {}).get("data", {}).get("data-file"),
     )
 
 
@@ -62,6 +64,10 @@ def backing_chain(path: str | Path) -> list[ImageInfo]:
     path = str(path)
     if not Path(path).exists():
         raise ImageError("image file not found", where=path, fix="check the path")
+    if not Path(path).is_file():
+        # A FIFO or device would make qemu-img (and later copies) block or read forever.
+        raise ImageError("image is not a regular file", where=path,
+                         fix="point at a qcow2 or raw image file")
     out = _run(
         [QEMU_IMG, "info", "--output=json", "--backing-chain", "-U", path],
         what="reading the image (qemu-img info)",
