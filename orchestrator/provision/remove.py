@@ -8,7 +8,7 @@ import os
 
 import libvirt
 
-from orchestrator.errors import ConflictError, StorageError
+from orchestrator.errors import ConflictError
 from orchestrator.hosts.context import HostContext
 from orchestrator.provision.desktop import os_volume_name, seed_volume_name
 from orchestrator.provision.steps import EventSink
@@ -40,21 +40,25 @@ def remove_desktop(ctx: HostContext, domain: libvirt.virDomain, inventory: str,
         domain.managedSaveRemove(0)
     domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
                          | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
-    pool = ctx.existing_pool()
     for volume_name, recorded in ((os_volume_name(name), record.disk),
                                   (seed_volume_name(name), record.seed)):
-        _delete_own_volume(pool, volume_name, recorded)
+        _delete_own_volume(ctx.conn, volume_name, recorded)
     on_event(name, "remove", "done")
 
 
-def _delete_own_volume(pool: libvirt.virStoragePool | None, volume_name: str,
-                       recorded_path: str) -> None:
+def _delete_own_volume(conn: libvirt.virConnect, volume_name: str, recorded_path: str) -> None:
+    """Delete the volume at ``recorded_path`` if it still exists and carries labctl's name.
+
+    The volume is looked up by its path, so it is found in whichever storage pool it was
+    made, even if the inventory now names another pool.
+    """
     if not recorded_path:
         return
     if os.path.basename(recorded_path) != volume_name:
         log.warning("not deleting %s: its name is not labctl's %s", recorded_path, volume_name)
         return
-    if pool is None:
-        raise StorageError(f"storage pool for {recorded_path} is gone",
-                           fix="delete the file by hand if you no longer need it")
-    volumes.delete(pool, volume_name)
+    try:
+        volume = conn.storageVolLookupByPath(recorded_path)
+    except libvirt.libvirtError:
+        return  # already gone
+    volumes.delete(volume.storagePoolLookupByVolume(), volume_name)
