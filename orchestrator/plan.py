@@ -90,6 +90,8 @@ def resolve_images(inventory: Inventory, *, build: bool,
 
 def _resolve_image(key: str, ref, *, build: bool,
                    progress: recipes.Progress | None) -> ImageVersion | None:
+    if ref.catalog is not None:
+        return catalog.resolve(ref.catalog, ref.version)
     if ref.path is not None:
         qemuimg.backing_chain(ref.path)  # a missing file or broken chain fails here
         if not build:

@@ -9,6 +9,7 @@ would. labctl must still give every clone its own machine-id and host key.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 from conftest import run_labctl, unique_name
 
 from orchestrator.identity.keys import generate_ed25519
+from orchestrator.images import catalog
 
 SPOILED_MACHINE_ID = "0123456789abcdef0123456789abcdef"
 
@@ -29,7 +31,7 @@ def _debugfs_write(raw: Path, guest_path: str, content: str, tmp_path: Path) -> 
 
 
 def spoil_image(image, tmp_path: Path) -> Path:
-    """Return a qcow2 copy of ``image`` with a populated machine-id and SSH host keys."""
+    """Return a qcow2 copy of ``image``'s disk with a populated machine-id and SSH host keys."""
     raw = tmp_path / "spoiled.raw"
     subprocess.run(["qemu-img", "convert", "-O", "raw", image.disk, str(raw)], check=True)
     _debugfs_write(raw, "/etc/machine-id", SPOILED_MACHINE_ID + "\n", tmp_path)
@@ -42,17 +44,30 @@ def spoil_image(image, tmp_path: Path) -> Path:
     return spoiled
 
 
+@pytest.fixture
+def spoiled_image(debian_image, tmp_path):
+    """The spoiled disk in the catalog, booting with the Debian image's kernel and initrd."""
+    boot = debian_image.boot
+    image = catalog.register(
+        unique_name("spoiled"), spoil_image(debian_image, tmp_path),
+        boot_files={"kernel": debian_image.boot_path(boot.kernel),
+                    "initrd": debian_image.boot_path(boot.initrd)},
+        cmdline=boot.cmdline, source="test",
+    )
+    yield image
+    shutil.rmtree(image.directory, ignore_errors=True)
+
+
 @pytest.mark.slow
 @pytest.mark.libvirt
-def test_clones_of_spoiled_image_unique(debian_image, make_inventory, tmp_path):
-    spoiled = spoil_image(debian_image, tmp_path)
+def test_clones_of_spoiled_image_unique(spoiled_image, make_inventory):
     prefix = unique_name("dsp")
     path = make_inventory(
         {"spoiled": {"image": "spoiled", "clone": "linked", "size": 2,
                      "naming": f"{prefix}-{{n}}", "network": "lab",
                      "hardware": {"memory": "512MiB"},
                      "identity": {"users": [{"name": "student", "sudo": True}]}}},
-        images={"spoiled": {"path": str(spoiled)}},
+        images={"spoiled": {"catalog": spoiled_image.name}},
     )
     applied = run_labctl("apply", str(path))
     assert applied.returncode == 0, f"apply failed:\n{applied.stdout}\n{applied.stderr}"

@@ -616,7 +616,7 @@ def test_image_needs_one_source(tmp_path):
     text = pool_yaml().replace("{build: tiny}", "{build: tiny, path: /x.qcow2}")
     error = load_error(tmp_path, text)
     assert error.where == at(tmp_path, 2)
-    assert "exactly one of build: or path:" in error.message
+    assert "exactly one of build:, path: or catalog:" in error.message
 
 
 def test_image_recipe_unknown(tmp_path):

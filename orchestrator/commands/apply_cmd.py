@@ -76,7 +76,7 @@ def show_plan(args: argparse.Namespace) -> int:
             ref = inventory.images[key]
             if ref.build:
                 print(f"  build image {ref.build} (not in the catalog yet)")
-            else:
+            elif ref.path:
                 print(f"  import image {key} from {ref.path}")
         for action in plan.actions:
             print(f"{_SYMBOLS[action.kind]} {action.kind:<8} {action.desktop:<16} "

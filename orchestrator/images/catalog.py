@@ -92,11 +92,25 @@ def list_images() -> list[ImageVersion]:
     found: list[ImageVersion] = []
     for manifest in sorted(root.glob(f"*/*/{MANIFEST}")):
         try:
-            found.append(_load_manifest(manifest))
+            image = _load_manifest(manifest)
         except (ValueError, TypeError, KeyError) as exc:
             log.warning("skipping unreadable manifest %s: %s", manifest, exc)
+            continue
+        missing = [path for path in _files(image) if not path.exists()]
+        if missing:
+            log.warning("skipping image %s: %s is missing; rebuild or re-import it",
+                        image.ref, missing[0])
+            continue
+        found.append(image)
     found.sort(key=lambda image: (image.name, image.created), reverse=False)
     return found
+
+
+def _files(image: ImageVersion) -> list[Path]:
+    files = [Path(image.disk)]
+    if image.boot:
+        files += [image.boot_path(image.boot.kernel), image.boot_path(image.boot.initrd)]
+    return files
 
 
 def resolve(name: str, version: str | None = None) -> ImageVersion:

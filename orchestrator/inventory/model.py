@@ -76,7 +76,7 @@ class Host(StrictModel):
 
 
 class ImageRef(StrictModel):
-    """A golden image: built by labctl from a recipe, or imported from a disk file."""
+    """A golden image: built from a recipe, imported from a file, or already in the catalog."""
 
     build: Literal[BUILD_RECIPES] | None = Field(  # type: ignore[valid-type]
         None, description="Recipe that labctl builds the image from."
@@ -84,14 +84,19 @@ class ImageRef(StrictModel):
     path: AbsolutePath | None = Field(
         None, description="qcow2 or raw file to import; relative to the inventory file."
     )
+    catalog: Key | None = Field(
+        None, description="Name of an image in labctl's catalog (labctl image list)."
+    )
     version: HexVersion | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> ImageRef:
-        if (self.build is None) == (self.path is None):
+        sources = [self.build, self.path, self.catalog]
+        if sum(source is not None for source in sources) != 1:
             raise labctl_error(
-                "an image needs exactly one of build: or path:",
-                fix=f"use build: {BUILD_RECIPES[0]} or path: /path/to/golden.qcow2",
+                "an image needs exactly one of build:, path: or catalog:",
+                fix=f"use build: {BUILD_RECIPES[0]}, path: /path/to/golden.qcow2 or "
+                "catalog: NAME",
             )
         return self
 
