@@ -61,7 +61,10 @@ def collect(inventory, hosts: dict[str, HostContext]) -> dict:
     desktops: list[dict] = []
     for ctx in hosts.values():
         for _name, (domain, record) in sorted(observed_desktops(ctx, inventory.name).items()):
-            desktops.append(desktop_status(domain, record))
+            try:
+                desktops.append(desktop_status(domain, record))
+            except libvirt.libvirtError:
+                continue  # removed by another run since the listing
     pools = []
     for key, pool in inventory.pools.items():
         members = sorted((d for d in desktops if d["pool"] == key), key=lambda d: d["name"])

@@ -8,6 +8,7 @@ import os
 
 import libvirt
 
+from orchestrator import paths
 from orchestrator.errors import ConflictError
 from orchestrator.hosts.context import HostContext
 from orchestrator.provision.desktop import os_volume_name, seed_volume_name
@@ -43,6 +44,8 @@ def remove_desktop(ctx: HostContext, domain: libvirt.virDomain, inventory: str,
     for volume_name, recorded in ((os_volume_name(name), record.disk),
                                   (seed_volume_name(name), record.seed)):
         _delete_own_volume(ctx.conn, volume_name, recorded)
+    # The known_hosts file `labctl ssh` wrote for this desktop.
+    (paths.state_dir() / "known_hosts" / f"{name}.known").unlink(missing_ok=True)
     on_event(name, "remove", "done")
 
 
