@@ -30,7 +30,7 @@ from orchestrator.identity.desktop import new_uuid
 from orchestrator.identity.keys import access_key_path
 from orchestrator.inventory import load_inventory
 from orchestrator.plan import make_plan, observed_desktops
-from orchestrator.provision.remove import remove_desktop
+from orchestrator.provision.remove import destroy_inventory
 from orchestrator.storage import pool as volumes
 from orchestrator.storage import replica
 
@@ -103,12 +103,7 @@ def run_bench(image: str = "tiny", count: int = 4, memory: str = "128MiB",
 
 def _destroy(plan, name: str) -> None:
     for ctx in plan.hosts.values():
-        for _desktop, (domain, _record) in observed_desktops(ctx, name).items():
-            with contextlib.suppress(LabctlError, libvirt.libvirtError):
-                remove_desktop(ctx, domain, name, _quiet)
-        pool = ctx.existing_pool()
-        if pool is not None:
-            replica.remove_unused(pool)
+        destroy_inventory(ctx, name, _quiet)
 
 
 def _time_virt_clone(ctx: HostContext, name: str) -> tuple[float | None, str]:

@@ -57,7 +57,7 @@ def _configure_logging(verbosity: int) -> None:
 
 def _interrupt(_signum: int, _frame: object) -> None:
     # A second Ctrl-C would break off the rollback itself and leave volumes behind,
-    # so after the first one further interrupts only say that the rollback runs.
+    # so after the first one further interrupts only print that the rollback runs.
     signal.signal(signal.SIGINT, _rolling_back)
     signal.signal(signal.SIGTERM, _rolling_back)
     raise KeyboardInterrupt

@@ -44,7 +44,7 @@ class StorageError(LabctlError):
 
 
 class GuestError(LabctlError):
-    """A guest did not answer in time or returned something unexpected."""
+    """A guest did not respond in time or returned something unexpected."""
 
 
 class GuestTimeout(GuestError):

@@ -1,4 +1,4 @@
-"""Where labctl keeps files on the machine it runs on (not on the libvirt hosts)."""
+"""Paths of labctl's files on the machine it runs on (not on the libvirt hosts)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,6 @@ plan is the same from any machine pointed at the same hosts.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,25 +164,7 @@ def _network(inventory: Inventory, key: str | None) -> NetworkSpec:
 def observed_desktops(ctx: HostContext, inventory: str) -> dict[str, tuple[libvirt.virDomain,
                                                                            DesktopRecord]]:
     """Return this inventory's desktops on a host, by name."""
-    found = {}
-    for domain, record in _domain_records(ctx.conn):
-        if record is not None and record.inventory == inventory:
-            found[domain.name()] = (domain, record)
-    return found
-
-
-def _domain_records(conn: libvirt.virConnect) -> Iterator[tuple[libvirt.virDomain,
-                                                                 DesktopRecord | None]]:
-    """Yield each domain with its labctl record (None if labctl did not create it)."""
-    for domain in conn.listAllDomains(0):
-        try:
-            record = metadata.read(domain)
-        except libvirt.libvirtError as exc:
-            # Another labctl run or virsh removed it after the listing.
-            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                continue
-            raise
-        yield domain, record
+    return metadata.inventory_desktops(ctx.conn, inventory)
 
 
 def make_plan(inventory: Inventory, *, build_images: bool = False,
@@ -238,10 +219,13 @@ def _check_host(inventory: Inventory, ctx: HostContext, requests: list[DesktopRe
                     fix="create it with virsh net-define, or use mode: user",
                 ) from exc
     names = {request.name: request for request in requests}
-    for domain, record in _domain_records(ctx.conn):
+    for domain in ctx.conn.listAllDomains(0):
         request = names.get(domain.name())
         if request is None:
             continue
+        record = metadata.read(domain)
+        if record is None and not _exists(domain):
+            continue  # removed by another program since the listing
         if record is None or record.inventory != inventory.name:
             owner = "not created by labctl" if record is None else (
                 f"a desktop of inventory {record.inventory}")
@@ -253,6 +237,14 @@ def _check_host(inventory: Inventory, ctx: HostContext, requests: list[DesktopRe
                 inventory.where(("pools", request.pool, "names")),
                 fix="change the pool's naming so its names do not collide",
             )
+
+
+def _exists(domain: libvirt.virDomain) -> bool:
+    try:
+        domain.info()
+    except libvirt.libvirtError:
+        return False
+    return True
 
 
 def _diff(plan: Plan, ctx: HostContext, requests: list[DesktopRequest]) -> None:

@@ -11,14 +11,12 @@ from orchestrator import locks, output
 from orchestrator import status as status_module
 from orchestrator.apply import apply_plan
 from orchestrator.bench import run_bench, summarize
-from orchestrator.errors import LabctlError
 from orchestrator.hosts.context import HostSettings
 from orchestrator.images import recipes
 from orchestrator.inventory import load_inventory
-from orchestrator.plan import Plan, make_plan, observed_desktops, open_inventory_host
-from orchestrator.provision.remove import remove_desktop
+from orchestrator.plan import Plan, make_plan, open_inventory_host
+from orchestrator.provision.remove import destroy_inventory
 from orchestrator.smoke import run_smoke as smoke
-from orchestrator.storage import replica
 
 _SYMBOLS = {"create": "+", "delete": "-", "update": "~", "start": ">", "replace": "!",
             "outdated": "?", "keep": "="}
@@ -91,9 +89,14 @@ def show_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inventory_lock(inventory):
+    """Hold the inventory's run lock: one apply or destroy of it at a time on this machine."""
+    return locks.exclusive_run(f"inventory:{inventory.name}", f"run on inventory {inventory.name}")
+
+
 def run_apply(args: argparse.Namespace) -> int:
     inventory = load_inventory(args.inventory)
-    with locks.exclusive_run(f"inventory:{inventory.name}", f"run on inventory {inventory.name}"):
+    with _inventory_lock(inventory):
         return _apply(args, inventory)
 
 
@@ -172,30 +175,23 @@ def show_status(args: argparse.Namespace) -> int:
 
 def run_destroy(args: argparse.Namespace) -> int:
     inventory = load_inventory(args.inventory)
-    with locks.exclusive_run(f"inventory:{inventory.name}", f"run on inventory {inventory.name}"):
+    with _inventory_lock(inventory):
         return _destroy(args, inventory)
 
 
 def _destroy(args: argparse.Namespace, inventory) -> int:
     printer = output.EventPrinter(json_lines=args.output == "json")
     hosts_used = sorted({pool.host for pool in inventory.pools.values()} | set(inventory.hosts))
-    failed = 0
+    errors = []
     for key in hosts_used:
         ctx = open_inventory_host(inventory, key)
         try:
-            for _name, (domain, _record) in sorted(observed_desktops(ctx, inventory.name).items()):
-                try:
-                    remove_desktop(ctx, domain, inventory.name, printer)
-                except LabctlError as exc:
-                    failed += 1
-                    print(f"labctl: error: {exc}", file=sys.stderr)
-            pool = ctx.existing_pool()
-            if pool is not None:
-                for volume in replica.remove_unused(pool):
-                    printer(volume, "remove", "unused replica removed")
+            errors += destroy_inventory(ctx, inventory.name, printer)
         finally:
             ctx.close()
-    return 1 if failed else 0
+    for error in errors:
+        print(f"labctl: error: {error}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 def run_smoke(args: argparse.Namespace) -> int:

@@ -47,7 +47,7 @@ def command(domain: libvirt.virDomain, execute: str, arguments: dict | None = No
 
 
 def wait_for_agent(domain: libvirt.virDomain, *, timeout: float, poll: float = 0.5) -> float:
-    """Wait until guest-ping answers; return the seconds waited or raise GuestTimeout."""
+    """Wait until guest-ping succeeds; return the seconds waited or raise GuestTimeout."""
     start = time.monotonic()
     deadline = start + timeout
     last_error = "no answer yet"
@@ -64,7 +64,7 @@ def wait_for_agent(domain: libvirt.virDomain, *, timeout: float, poll: float = 0
             last_error = exc.message
         if time.monotonic() >= deadline:
             raise GuestTimeout(
-                f"guest agent did not answer guest-ping within {timeout:.0f} s "
+                f"guest agent did not respond to guest-ping within {timeout:.0f} s "
                 f"(last error: {last_error})",
                 where=domain.name(),
                 fix="check that the image runs qemu-guest-agent on the "

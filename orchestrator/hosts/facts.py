@@ -1,4 +1,4 @@
-"""What ``labctl host check`` reports, and the accelerator every guest on a host uses."""
+"""Host facts for ``labctl host check``, and the accelerator every guest on a host uses."""
 
 from __future__ import annotations
 

@@ -50,9 +50,9 @@ def used_forward_ports(conn: libvirt.virConnect) -> set[int]:
 class HostAllocator:
     """Hands out MACs and ports unused on one host, remembering what it handed out.
 
-    Domains defined by other programs after the scan are not seen; libvirt rejects a
+    Domains defined by other programs after the scan are not seen. libvirt rejects a
     duplicate MAC on the same network at start, and the port probe below catches ports
-    taken by running processes.
+    that running processes have bound.
     """
 
     def __init__(self, conn: libvirt.virConnect, *, port_range: tuple[int, int] = (22000, 22999)):

@@ -24,7 +24,7 @@ class UserAccount:
 
 @dataclass(frozen=True)
 class DesktopIdentity:
-    """Identity values of one desktop; ``ssh_host_key`` holds a secret and is never logged."""
+    """Identity values of one desktop. ``ssh_host_key`` contains a secret, so it has no repr."""
 
     name: str
     hostname: str

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 import libvirt
 
 from orchestrator.domain import (
-    DirectBoot, Disk, DiskLayer, DomainSpec, Interface, UserNetwork, render_domain,
+    DirectBoot, Disk, DomainSpec, Interface, UserNetwork, render_domain,
 )
 from orchestrator.errors import ConflictError
 from orchestrator.hosts.context import HostContext

@@ -1,4 +1,4 @@
-"""When a desktop counts as ready: agent answers, identity read back matches, SSH works."""
+"""Desktop readiness: the agent responds, the identity read back matches, SSH works."""
 
 from __future__ import annotations
 
@@ -89,8 +89,8 @@ def wait_identity(domain: libvirt.virDomain, expected: Expected, *, timeout: flo
 def wait_cloud_init(domain: libvirt.virDomain, *, timeout: float) -> float:
     """Wait until cloud-init has finished every stage; raise GuestError if it reports errors.
 
-    The hostname is set early; users, timezone and run-once commands come later, so a
-    desktop is not ready before cloud-init says done.
+    cloud-init sets the hostname early but users, timezone and run-once commands later,
+    so a desktop is not ready before `cloud-init status` reports done.
     """
     start = time.monotonic()
     status = ""

@@ -9,12 +9,13 @@ import os
 import libvirt
 
 from orchestrator import paths
-from orchestrator.errors import ConflictError
+from orchestrator.errors import ConflictError, LabctlError
 from orchestrator.hosts.context import HostContext
 from orchestrator.provision.desktop import os_volume_name, seed_volume_name
 from orchestrator.provision.steps import EventSink
 from orchestrator.state import metadata
 from orchestrator.storage import pool as volumes
+from orchestrator.storage import replica
 
 log = logging.getLogger(__name__)
 
@@ -65,3 +66,22 @@ def _delete_own_volume(conn: libvirt.virConnect, volume_name: str, recorded_path
     except libvirt.libvirtError:
         return  # already gone
     volumes.delete(volume.storagePoolLookupByVolume(), volume_name)
+
+
+def destroy_inventory(ctx: HostContext, inventory: str, on_event: EventSink) -> list[LabctlError]:
+    """Remove every desktop of ``inventory`` on the host, then the replicas left unused.
+
+    Returns the errors of the desktops that could not be removed; the others are gone.
+    """
+    errors: list[LabctlError] = []
+    desktops = metadata.inventory_desktops(ctx.conn, inventory)
+    for _name, (domain, _record) in sorted(desktops.items()):
+        try:
+            remove_desktop(ctx, domain, inventory, on_event)
+        except LabctlError as exc:
+            errors.append(exc)
+    pool = ctx.existing_pool()
+    if pool is not None:
+        for volume in replica.remove_unused(pool):
+            on_event(volume, "remove", "unused replica removed")
+    return errors

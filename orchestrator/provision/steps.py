@@ -1,7 +1,7 @@
 """Provisioning as a sequence of named steps, each knowing how to undo itself.
 
 A failing step undoes the completed ones in reverse order, so a desktop is either
-made completely or leaves nothing behind; the error names the desktop and the step.
+made completely or leaves nothing behind. The error names the desktop and the step.
 """
 
 from __future__ import annotations

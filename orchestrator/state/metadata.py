@@ -19,7 +19,7 @@ ROOT = "desktop"
 
 @dataclass
 class DesktopRecord:
-    """What labctl knows about one desktop, stored with its domain."""
+    """Facts about one desktop that labctl stores with its domain."""
 
     inventory: str
     pool: str
@@ -104,3 +104,14 @@ def write(domain: libvirt.virDomain, record: DesktopRecord) -> None:
     domain.setMetadata(
         libvirt.VIR_DOMAIN_METADATA_ELEMENT, to_xml(record), PREFIX, NAMESPACE, flags
     )
+
+
+def inventory_desktops(conn: libvirt.virConnect,
+                       inventory: str) -> dict[str, tuple[libvirt.virDomain, DesktopRecord]]:
+    """Return the domains whose labctl record belongs to ``inventory``, by name."""
+    found = {}
+    for domain in conn.listAllDomains(0):
+        record = read(domain)
+        if record is not None and record.inventory == inventory:
+            found[domain.name()] = (domain, record)
+    return found

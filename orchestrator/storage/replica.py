@@ -50,7 +50,7 @@ def replica_lock(pool: libvirt.virStoragePool, version: str):
 def ensure_replica(pool: libvirt.virStoragePool, image: ImageVersion) -> Replica:
     """Return the replica of ``image`` in ``pool``, uploading it once if it is missing.
 
-    The caller holds ``replica_lock`` for the image's version.
+    The caller must hold ``replica_lock`` for the image's version.
     """
     names = _names(image)
     if volumes.find_volume(pool, names["marker"]) is None:

@@ -37,7 +37,7 @@ class Seed:
         return any(item.private for item in self.files)
 
     def to_iso(self) -> bytes:
-        """Return the ISO 9660 image (Rock Ridge and Joliet names, so Linux sees real names)."""
+        """Return the ISO 9660 image (with Rock Ridge and Joliet names, so Linux mounts show the real names)."""
         iso = pycdlib.PyCdlib()
         iso.new(interchange_level=3, vol_ident=VOLUME_ID, joliet=3, rock_ridge="1.09")
         directories: set[str] = set()
