@@ -16,10 +16,14 @@ from orchestrator import cancel
 from orchestrator.errors import LabctlError
 from orchestrator.identity import keys
 from orchestrator.plan import Action, Plan
-from orchestrator.provision import desktop as provisioning
+from orchestrator.hosts.context import HostContext
+from orchestrator.instant.child import ChildProvisioning
+from orchestrator.provision.desktop import KeptIdentity, Provisioning
+from orchestrator.provision.request import DesktopRequest
 from orchestrator.provision.hardware import update_hardware
 from orchestrator.provision.remove import remove_desktop
 from orchestrator.provision.steps import EventSink
+from orchestrator.instant import parent
 from orchestrator.storage import replica
 
 log = logging.getLogger(__name__)
@@ -56,7 +60,11 @@ def apply_plan(plan: Plan, on_event: EventSink, *, replace: bool = False) -> App
             # the with block waits for them, so nothing half-made stays behind.
             cancel.request()
             raise
-    for ctx in plan.hosts.values():
+    for key, ctx in plan.hosts.items():
+        keep = {parent.parent_key(a.request, a.request.instant, ctx.domain_type)
+                for a in plan.actions
+                if a.host == key and a.request is not None and a.request.clone == "instant"}
+        parent.remove_unused_parents(ctx, plan.inventory.name, keep, on_event)
         pool = ctx.existing_pool()
         if pool is not None:
             replica.remove_unused(pool)
@@ -120,5 +128,49 @@ def _converge(plan: Plan, action: Action, access_key: keys.KeyPair,
             domain = None
         if domain is not None:
             remove_desktop(ctx, domain, plan.inventory.name, on_event)
-    _record, timings = provisioning.provision(ctx, action.request, access_key, on_event)
-    return timings
+    return provision(ctx, action.request, access_key, on_event)
+
+
+def provision(ctx: HostContext, request: DesktopRequest, access_key: keys.KeyPair,
+              on_event: EventSink, kept: KeptIdentity | None = None) -> dict[str, float]:
+    """Provision one desktop of any clone method under the host's provisioning throttle."""
+    with ctx.provisioning:
+        if request.clone == "instant":
+            job: Provisioning = ChildProvisioning(ctx, request, access_key, on_event, kept=kept,
+                                                  method=request.instant)
+        else:
+            job = Provisioning(ctx, request, access_key, on_event, kept=kept)
+        job.run()
+    return job.timings
+
+
+def refresh_desktops(plan: Plan, names: list[str], on_event: EventSink) -> ApplyResult:
+    """Re-create desktops from their image under the same name, UUID, MAC and SSH port.
+
+    Linked and full clones get a new OS disk from the replica; instant clones are
+    re-forked from the parent. The identity generation goes up, so cloud-init treats
+    the clean disk as a new instance of the same desktop.
+    """
+    result = ApplyResult()
+    access_key = keys.access_key(plan.inventory.name)
+    by_name = {action.desktop: action for action in plan.actions}
+    for name in names:
+        action = by_name.get(name)
+        if action is None or action.record is None or action.request is None:
+            result.failed[name] = LabctlError(
+                f"desktop {name} does not exist in inventory {plan.inventory.name}",
+                fix="labctl status lists the desktops; labctl apply creates missing ones")
+            continue
+        _run(result, action, lambda a=action: _refresh(plan, a, access_key, on_event),
+             result.updated)
+    return result
+
+
+def _refresh(plan: Plan, action: Action, access_key: keys.KeyPair,
+             on_event: EventSink) -> None:
+    ctx = plan.hosts[action.host]
+    assert action.request is not None and action.record is not None
+    domain = ctx.conn.lookupByName(action.desktop)
+    kept = KeptIdentity.of(domain, action.record)
+    remove_desktop(ctx, domain, plan.inventory.name, on_event)
+    provision(ctx, action.request, access_key, on_event, kept=kept)

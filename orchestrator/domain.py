@@ -55,14 +55,16 @@ class UserNetwork:
     mac: str
     ssh_port: int
     netdev_id: str = "labnet0"
+    # An explicit slot: QEMU would otherwise place this device on the first free slot
+    # before libvirt's own devices take theirs, and the start fails.
+    pci_slot: str = "0x1e"
 
     def qemu_args(self) -> list[str]:
         netdev = f"user,id={self.netdev_id},restrict=on,ipv6=off"
         if self.ssh_port:
             netdev += f",hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22"
-        # An explicit slot: QEMU would otherwise place this device on the first free
-        # slot before libvirt's own devices take theirs, and the start fails.
-        device = f"virtio-net-pci,netdev={self.netdev_id},mac={self.mac},bus=pci.0,addr=0x1e"
+        device = (f"virtio-net-pci,netdev={self.netdev_id},mac={self.mac},bus=pci.0,"
+                  f"addr={self.pci_slot}")
         return ["-netdev", netdev, "-device", device]
 
 

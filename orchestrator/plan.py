@@ -13,11 +13,13 @@ from pathlib import Path
 import libvirt
 
 from orchestrator.errors import ConflictError, HostError, ImageError, InventoryError
+from orchestrator.hosts.connection import is_local
 from orchestrator.hosts.context import HostContext, HostSettings, open_host
 from orchestrator.identity.desktop import UserAccount
 from orchestrator.images import catalog, recipes
 from orchestrator.images.catalog import ImageVersion
 from orchestrator.inventory import Inventory, expand_names
+from orchestrator.instant import fork
 from orchestrator.inventory.naming import expand_hostname
 from orchestrator.provision.request import DesktopRequest, NetworkSpec
 from orchestrator.state import metadata
@@ -114,12 +116,6 @@ def desktop_requests(inventory: Inventory, images: dict[str, ImageVersion | None
                      hosts: dict[str, HostContext]) -> list[DesktopRequest]:
     requests = []
     for pool_key, pool in inventory.pools.items():
-        if pool.clone == "instant":
-            raise InventoryError(
-                "clone: instant is not available yet in this version of labctl",
-                where=inventory.where(("pools", pool_key, "clone")),
-                fix="use clone: linked for now",
-            )
         image = images[pool.image]
         network = _network(inventory, pool.network)
         users = tuple(
@@ -129,6 +125,9 @@ def desktop_requests(inventory: Inventory, images: dict[str, ImageVersion | None
             for user in pool.identity.users
         )
         accelerator = hosts[pool.host].accelerator if pool.host in hosts else "tcg"
+        instant = ""
+        if pool.clone == "instant" and pool.host in hosts:
+            instant = _instant_method(inventory, pool_key, hosts[pool.host])
         for number, name in enumerate(expand_names(pool), start=1):
             requests.append(DesktopRequest(
                 name=name, inventory=inventory.name, pool=pool_key, index=number,
@@ -140,8 +139,30 @@ def desktop_requests(inventory: Inventory, images: dict[str, ImageVersion | None
                 timezone=pool.identity.timezone, run_once=tuple(pool.identity.run_once),
                 ready_timeout=READY_TIMEOUT[accelerator],
                 inventory_path=str(Path(inventory.path).resolve()),
+                instant=instant,
             ))
     return requests
+
+
+def _instant_method(inventory: Inventory, pool_key: str, ctx: HostContext) -> str:
+    """The method the pool's children are made with on its host; fork falls back to
+    restore (with a warning) where it cannot run. Both need the host's files locally."""
+    pool = inventory.pools[pool_key]
+    if not is_local(ctx.settings.uri):
+        raise InventoryError(
+            f"instant clones need the libvirt host to be this machine, but pool {pool_key} "
+            f"is on {ctx.settings.uri}",
+            where=inventory.where(("pools", pool_key, "clone")),
+            fix="run labctl on that host, or use clone: linked for remote hosts",
+        )
+    assert pool.instant is not None
+    method = pool.instant.method
+    reason = fork.unavailable_reason(ctx.conn) if method == "fork" else None
+    if reason:
+        log.warning("pool %s: fork is not available on host %s (%s); using restore",
+                    pool_key, ctx.settings.name, reason)
+        return "restore"
+    return method
 
 
 def _placeholder(name: str) -> ImageVersion:

@@ -16,7 +16,7 @@ import libvirt
 from orchestrator.hosts.context import HostContext, HostSettings, open_host
 from orchestrator.identity import keys
 from orchestrator.images.catalog import ImageVersion
-from orchestrator.provision import desktop as provisioning
+from orchestrator.apply import provision
 from orchestrator.provision.readiness import read_identity
 from orchestrator.provision.remove import remove_desktop
 from orchestrator.provision.request import DesktopRequest, NetworkSpec
@@ -49,7 +49,7 @@ def run_smoke(image: ImageVersion, settings: HostSettings, on_event: EventSink, 
         ready_timeout=timeout,
     )
     try:
-        _record, timings = provisioning.provision(ctx, request, access_key, on_event)
+        timings = provision(ctx, request, access_key, on_event)
         hostname, machine_id = read_identity(ctx.conn.lookupByName(name))
         return SmokeResult(name, hostname, machine_id, ctx.accelerator, timings)
     finally:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from datetime import datetime, timezone
+
 import libvirt
 
 from orchestrator.errors import ImageError
 from orchestrator.hosts.context import HostContext
+from orchestrator.instant.parent import ParentRecord, inventory_parents
 from orchestrator.plan import observed_desktops
 from orchestrator.state.metadata import DesktopRecord
 from orchestrator.storage import qemuimg
@@ -72,4 +76,31 @@ def collect(inventory, hosts: dict[str, HostContext]) -> dict:
     orphans = [d for d in desktops if d["pool"] not in inventory.pools]
     if orphans:
         pools.append({"name": "(removed from the inventory)", "clone": "", "desktops": orphans})
-    return {"inventory": inventory.name, "pools": pools}
+    parents = [parent_status(domain, record) for ctx in hosts.values()
+               for domain, record in inventory_parents(ctx.conn, inventory.name)]
+    return {"inventory": inventory.name, "pools": pools,
+            "parents": sorted(parents, key=lambda p: (p["pool"], p["created"]))}
+
+
+def parent_status(domain: libvirt.virDomain, record: ParentRecord) -> dict:
+    """A parent VM: its method, the size of its saved state and RAM, and its age."""
+    try:
+        created = datetime.fromisoformat(record.created)
+        age = int((datetime.now(timezone.utc) - created).total_seconds())
+    except ValueError:
+        age = -1
+    return {
+        "name": domain.name(), "pool": record.pool, "host": record.host,
+        "image": record.image, "method": record.method, "state": record.state,
+        "state_file": record.state_file, "state_bytes": record.state_bytes,
+        "ram_file": record.ram_file, "ram_bytes": _size(record.ram_file),
+        "created": record.created, "age_seconds": age,
+        "build_seconds": record.build_seconds,
+    }
+
+
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_blocks * 512 if path else 0
+    except OSError:
+        return 0

@@ -22,7 +22,7 @@ from conftest import TEST_POOL, TEST_POOL_PATH, URI, run_labctl, unique_name
 from orchestrator import plan
 from orchestrator.hosts.context import HostContext, HostSettings, open_host
 from orchestrator.identity import keys
-from orchestrator.provision import desktop as provisioning
+from orchestrator.apply import provision
 from orchestrator.provision.request import DesktopRequest, NetworkSpec
 from orchestrator.provision.steps import StepFailed
 from orchestrator.state import metadata
@@ -161,7 +161,7 @@ def test_ready_timeout_rolls_back(pool_host, conn, tiny_image):
     access_key = keys.generate_ed25519("labctl-test")
     try:
         with pytest.raises(StepFailed) as caught:
-            provisioning.provision(pool_host, request, access_key,
+            provision(pool_host, request, access_key,
                                    lambda desktop, step, status: events.append((step, status)))
     finally:
         replica.remove_unused(pool_host.pool)
@@ -231,7 +231,7 @@ def test_replica_kept_while_provisioning(private_host, monkeypatch, tiny_image):
     request = tiny_request(unique_name("w"), tiny_image, ready_timeout=1.0)
     try:
         with pytest.raises(StepFailed) as caught:
-            provisioning.provision(private_host, request, keys.generate_ed25519("labctl-test"),
+            provision(private_host, request, keys.generate_ed25519("labctl-test"),
                                    lambda desktop, step, status: None)
     finally:
         for cleaner in cleaners:

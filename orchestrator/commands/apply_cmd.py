@@ -1,4 +1,4 @@
-"""labctl plan | apply | status | destroy | smoke."""
+"""labctl plan | apply | status | refresh | destroy | smoke."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from orchestrator import locks, output
 from orchestrator import status as status_module
-from orchestrator.apply import apply_plan
+from orchestrator.apply import apply_plan, refresh_desktops
 from orchestrator.bench import run_bench, summarize
 from orchestrator.hosts.context import HostSettings
 from orchestrator.images import recipes
@@ -46,6 +46,14 @@ def register(commands, add_output) -> None:
     destroy.add_argument("inventory", type=Path)
     add_output(destroy)
     destroy.set_defaults(handler=run_destroy)
+
+    refresh = commands.add_parser(
+        "refresh", help="re-create desktops from their image, keeping name, UUID and MAC "
+        "(instant clones are re-forked from the parent)")
+    refresh.add_argument("inventory", type=Path)
+    refresh.add_argument("desktops", nargs="+", metavar="DESKTOP")
+    add_output(refresh)
+    refresh.set_defaults(handler=run_refresh)
 
     smoke = commands.add_parser("smoke", help="boot one throw-away linked clone of an image, "
                                 "read its identity back, remove it")
@@ -120,6 +128,7 @@ def _apply(args: argparse.Namespace, inventory) -> int:
                                             "failed": failed}) + "\n")
     else:
         _print_status(data)
+        _print_parents(data)
         for name in result.skipped:
             print(f"{name}: out of date (image or identity changed); run 'labctl apply "
                   f"--replace {args.inventory}' to re-create it")
@@ -149,6 +158,25 @@ def _print_status(data: dict) -> None:
                         "SSH", "ready s"), rows)
 
 
+def _print_parents(data: dict) -> None:
+    rows = [(p["name"], p["pool"], p["method"], p["state"], p["image"],
+             f"{p['state_bytes'] / 2**20:.1f} MiB",
+             f"{p['ram_bytes'] / 2**20:.0f} MiB" if p["ram_file"] else "",
+             _age(p["age_seconds"])) for p in data.get("parents", [])]
+    if rows:
+        output.print_table("parent VMs of instant clones",
+                           ("parent", "pool", "method", "state", "image", "saved state",
+                            "RAM file", "age"), rows)
+
+
+def _age(seconds: int) -> str:
+    if seconds < 0:
+        return "?"
+    if seconds < 3600:
+        return f"{seconds // 60} min"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
 def _print_access(path: Path, data: dict) -> None:
     names = [d["name"] for pool in data["pools"] for d in pool["desktops"]]
     if not names:
@@ -170,7 +198,22 @@ def show_status(args: argparse.Namespace) -> int:
         output.print_json(data)
     else:
         _print_status(data)
+        _print_parents(data)
     return 0
+
+
+def run_refresh(args: argparse.Namespace) -> int:
+    inventory = load_inventory(args.inventory)
+    with _inventory_lock(inventory):
+        printer = output.EventPrinter(json_lines=args.output == "json")
+        plan = make_plan(inventory)
+        try:
+            result = refresh_desktops(plan, args.desktops, printer)
+        finally:
+            plan.close()
+    for name, error in result.failed.items():
+        print(f"labctl: error: {error}", file=sys.stderr)
+    return 1 if result.failed else 0
 
 
 def run_destroy(args: argparse.Namespace) -> int:

@@ -82,6 +82,8 @@ def run(domain: libvirt.virDomain, argv: list[str], *, timeout: float = 30,
     started = command(domain, "guest-exec", arguments)
     pid = started["pid"]  # type: ignore[index]
     deadline = time.monotonic() + timeout
+    # Short commands finish within milliseconds: poll fast first, then every 0.1 s.
+    poll = 0.005
     while True:
         status = command(domain, "guest-exec-status", {"pid": pid})
         if status.get("exited"):  # type: ignore[union-attr]
@@ -95,7 +97,8 @@ def run(domain: libvirt.virDomain, argv: list[str], *, timeout: float = 30,
                 f"command {argv[0]} did not finish within {timeout:.0f} s in the guest",
                 where=domain.name(),
             )
-        cancel.sleep(0.1)
+        cancel.sleep(poll)
+        poll = min(0.1, poll * 2)
 
 
 def check_output(domain: libvirt.virDomain, argv: list[str], *, timeout: float = 30) -> str:
@@ -114,6 +117,33 @@ def check_output(domain: libvirt.virDomain, argv: list[str], *, timeout: float =
 def set_time(domain: libvirt.virDomain) -> None:
     """Step the guest clock to the host's (guest-set-time with the host's nanoseconds)."""
     command(domain, "guest-set-time", {"time": time.time_ns()})
+
+
+def clock_offset(domain: libvirt.virDomain) -> float:
+    """Return the guest clock minus the host clock in seconds (guest-get-time)."""
+    before = time.time_ns()
+    guest = int(command(domain, "guest-get-time"))  # type: ignore[arg-type]
+    after = time.time_ns()
+    return (guest - (before + after) / 2) / 1e9
+
+
+def write_file(domain: libvirt.virDomain, path: str, data: bytes, *,
+               mode: str | None = "644") -> None:
+    """Write ``data`` to ``path`` in the guest with permission bits ``mode`` (octal).
+
+    The file is created empty and given its mode before anything is written, so a
+    private key is never readable by others, not even for a moment. ``mode=None``
+    writes to an existing file or device as it is (/dev/urandom, /proc/sys).
+    """
+    if mode is not None:
+        check_output(domain, ["touch", path])
+        check_output(domain, ["chmod", mode, path])
+    handle = command(domain, "guest-file-open", {"path": path, "mode": "w"})
+    try:
+        command(domain, "guest-file-write",
+                {"handle": handle, "buf-b64": base64.b64encode(data).decode()})
+    finally:
+        command(domain, "guest-file-close", {"handle": handle})
 
 
 def _decode(data: object) -> str:

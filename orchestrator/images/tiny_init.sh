@@ -193,7 +193,8 @@ start_acpid() {
 # -s and -g turn password logins off, so only keys in authorized_keys open a session.
 start_dropbear() {
     dropbear -F -E -s -g -p 22 -r /etc/dropbear/dropbear_ed25519_host_key \
-        >>/run/log/dropbear.log 2>&1 &
+        >>/run/log/dropbear.log 2>&1 </dev/null &
+    echo $! >/run/dropbear.pid
 }
 
 mount_data_disk() {

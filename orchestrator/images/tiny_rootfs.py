@@ -32,6 +32,7 @@ SCRIPTS = {
     "tiny_init.sh": "init",
     "tiny_udhcpc.sh": "etc/udhcpc/default.script",
     "tiny_shutdown.sh": "sbin/shutdown",
+    "tiny_host_key.sh": "sbin/labctl-install-host-key",
 }
 
 DIRECTORIES = ("proc", "sys", "dev", "run", "tmp", "data", "root", "var", "etc/labctl-tiny")

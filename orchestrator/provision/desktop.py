@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from datetime import datetime, timezone
 import libvirt
 
 from orchestrator.domain import (
-    DirectBoot, Disk, DomainSpec, Interface, UserNetwork, render_domain,
+    DirectBoot, Disk, DiskLayer, DomainSpec, Interface, UserNetwork, render_domain,
 )
 from orchestrator.errors import ConflictError
 from orchestrator.hosts.context import HostContext
@@ -40,6 +41,20 @@ def console_log_path(desktop: str) -> str:
     return f"/var/log/libvirt/qemu/{desktop}-console.log"
 
 
+@dataclass(frozen=True)
+class KeptIdentity:
+    """What a refreshed desktop keeps of its identity; the generation goes up by one."""
+
+    uuid: str
+    mac: str
+    ssh_port: int
+    generation: int
+
+    @classmethod
+    def of(cls, domain: libvirt.virDomain, record: DesktopRecord) -> KeptIdentity:
+        return cls(domain.UUIDString(), record.mac, record.ssh_port, record.generation)
+
+
 @dataclass
 class Provisioning:
     """State shared by the steps of one desktop's provisioning."""
@@ -56,6 +71,8 @@ class Provisioning:
     domain: libvirt.virDomain | None = None
     record: DesktopRecord | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    # A refresh passes what the desktop keeps: UUID, MAC and SSH port.
+    kept: KeptIdentity | None = None
 
     def steps(self) -> list[Step]:
         return [
@@ -98,14 +115,15 @@ class Provisioning:
             )
             for user in request.login_users
         )
+        kept = self.kept
         self.identity = DesktopIdentity(
             name=request.name,
             hostname=request.hostname or request.name,
             fqdn=request.fqdn,
-            uuid=new_uuid(),
+            uuid=kept.uuid if kept else new_uuid(),
             genid=new_uuid(),
-            mac=self.ctx.allocator.mac(),
-            generation=1,
+            mac=kept.mac if kept else self.ctx.allocator.mac(),
+            generation=kept.generation + 1 if kept else 1,
             ssh_host_key=keys.generate_ed25519(f"root@{request.name}"),
             users=users,
             timezone=request.timezone,
@@ -113,7 +131,8 @@ class Provisioning:
             root_authorized_keys=(self.access_key.public,),
         )
         if request.network.mode == "user":
-            self.ssh_port = self.ctx.allocator.ssh_port()
+            self.ssh_port = kept.ssh_port if kept and kept.ssh_port else (
+                self.ctx.allocator.ssh_port())
 
     def create_os_disk(self) -> None:
         """Ensure the replica and create the desktop's disk on it under the replica's lock."""
@@ -125,11 +144,16 @@ class Provisioning:
             self._create_os_volume()
         self.timings["storage"] = time.monotonic() - started
 
+    def backing_layers(self) -> tuple[DiskLayer, ...]:
+        """The layers below the desktop's OS disk, nearest first (none for a full clone)."""
+        assert self.replica is not None
+        return (self.replica.disk,) if self.request.clone == "linked" else ()
+
     def _create_os_volume(self) -> None:
         assert self.replica is not None
         name = os_volume_name(self.request.name)
-        if self.request.clone == "linked":
-            volume = volumes.create_overlay(self.ctx.pool, name, self.replica.disk,
+        if self.backing_layers():
+            volume = volumes.create_overlay(self.ctx.pool, name, self.backing_layers()[0],
                                             self.request.disk_size)
         else:
             source = self.ctx.conn.storageVolLookupByPath(self.replica.disk.path)
@@ -156,10 +180,14 @@ class Provisioning:
     def define(self) -> None:
         started = time.monotonic()
         self.record = self.build_record()
-        xml = render_domain(self.domain_spec(self.record))
+        xml = render_domain(self.domain_spec(self.record, extra_args=self.define_args()))
         log.debug("%s: domain XML\n%s", self.request.name, xml)
         self.domain = self.ctx.conn.defineXML(xml)
         self.timings["define"] = time.monotonic() - started
+
+    def define_args(self) -> tuple[str, ...]:
+        """Extra QEMU arguments of the first definition (none for full and linked clones)."""
+        return ()
 
     def undefine(self) -> None:
         if self.domain is None:
@@ -190,10 +218,12 @@ class Provisioning:
             host_key=self.identity.ssh_host_key.public,
             cloud_init=self.request.image.identity == "cloud-init",
         )
-        if self.request.network.mode != "user":
+        if self.request.network.mode == "none":
+            expected = dataclasses.replace(expected, ssh_address="")
+        elif self.request.network.mode != "user":
             address = readiness.guest_address(self.domain, self.identity.mac,
                                               timeout=self.request.ready_timeout)
-            expected = readiness.Expected(**{**expected.__dict__, "ssh_address": address})
+            expected = dataclasses.replace(expected, ssh_address=address)
         result = readiness.wait_ready(self.domain, expected, self.access_key.private,
                                       timeout=self.request.ready_timeout)
         self.timings["boot_to_ready"] = result.total
@@ -240,22 +270,26 @@ class Provisioning:
             },
         )
 
-    def domain_spec(self, record: DesktopRecord) -> DomainSpec:
-        request, identity, replica = self.request, self.identity, self.replica
-        assert identity is not None and replica is not None
-        disks = (
-            Disk(self.os_disk, "qcow2", "vda",
-                 backing=(replica.disk,) if request.clone == "linked" else ()),
+    def disks(self) -> tuple[Disk, ...]:
+        return (
+            Disk(self.os_disk, "qcow2", "vda", backing=self.backing_layers()),
             Disk(self.seed, "raw", "vdb", readonly=True, serial="labctl-seed"),
         )
+
+    def domain_spec(self, record: DesktopRecord, *, nic: bool = True,
+                    extra_args: tuple[str, ...] = ()) -> DomainSpec:
+        """The desktop's domain; ``nic=False`` leaves the NIC out (instant clones get it
+        hot-plugged), ``extra_args`` are QEMU arguments (instant-clone memory)."""
+        request, identity, replica = self.request, self.identity, self.replica
+        assert identity is not None and replica is not None
         boot = None
         if request.image.boot:
             boot = DirectBoot(replica.kernel, replica.initrd, request.image.boot.cmdline)
         interfaces: tuple[Interface, ...] = ()
         user_network = None
-        if request.network.mode == "user":
+        if nic and request.network.mode == "user":
             user_network = UserNetwork(identity.mac, self.ssh_port)
-        else:
+        elif nic and request.network.mode in ("network", "bridge"):
             interfaces = (Interface(request.network.mode, request.network.source, identity.mac),)
         return DomainSpec(
             name=request.name,
@@ -265,15 +299,19 @@ class Provisioning:
             domain_type=self.ctx.domain_type,
             memory_kib=request.memory_bytes // 1024,
             vcpus=request.vcpus,
-            disks=disks,
-            metadata_xml=metadata.to_xml(record),
+            disks=self.disks(),
+            metadata_xml=self.metadata_xml(record),
             boot=boot,
             interfaces=interfaces,
             user_network=user_network,
             console_log=console_log_path(request.name),
             agent=request.image.agent,
             emulator=self.ctx.emulator,
+            extra_qemu_args=extra_args,
         )
+
+    def metadata_xml(self, record: DesktopRecord) -> str:
+        return metadata.to_xml(record)
 
 
 def _refuse_existing_domain(ctx: HostContext, name: str) -> None:
@@ -285,12 +323,3 @@ def _refuse_existing_domain(ctx: HostContext, name: str) -> None:
         f"a domain named {name} already exists", where=ctx.settings.uri,
         fix="rename the pool's desktops or remove that domain yourself",
     )
-
-
-def provision(ctx: HostContext, request: DesktopRequest, access_key: keys.KeyPair,
-              on_event: EventSink) -> tuple[DesktopRecord, dict[str, float]]:
-    """Provision one desktop under the host's provisioning throttle."""
-    with ctx.provisioning:
-        job = Provisioning(ctx, request, access_key, on_event)
-        record = job.run()
-    return record, job.timings

@@ -15,6 +15,7 @@ from orchestrator.provision.desktop import os_volume_name, seed_volume_name
 from orchestrator.provision.steps import EventSink
 from orchestrator.state import metadata
 from orchestrator.storage import pool as volumes
+from orchestrator.instant import parent
 from orchestrator.storage import replica
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ def destroy_inventory(ctx: HostContext, inventory: str, on_event: EventSink) -> 
             remove_desktop(ctx, domain, inventory, on_event)
         except LabctlError as exc:
             errors.append(exc)
+    parent.remove_unused_parents(ctx, inventory, set(), on_event)
     pool = ctx.existing_pool()
     if pool is not None:
         for volume in replica.remove_unused(pool):

@@ -42,6 +42,8 @@ class DesktopRequest:
     run_once: tuple[str, ...] = ()
     ready_timeout: float = 900.0
     inventory_path: str = ""
+    # Instant clones: the method their children are made with on this host.
+    instant: str = ""
 
     @property
     def fqdn(self) -> str:

@@ -13,8 +13,11 @@ from dataclasses import dataclass, field
 import libvirt
 
 NAMESPACE = "urn:labctl:desktop:1"
+# Instant-clone parent VMs carry their record under their own namespace, so nothing
+# that lists desktops ever mistakes a parent for one.
+PARENT_NAMESPACE = "urn:labctl:parent:1"
 PREFIX = "labctl"
-ROOT = "desktop"
+ROOTS = {NAMESPACE: "desktop", PARENT_NAMESPACE: "parent"}
 
 
 @dataclass
@@ -44,34 +47,38 @@ class DesktopRecord:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(DesktopRecord) if f.name != "extra"}
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
 
 
-def to_xml(record: DesktopRecord) -> str:
-    """Serialize ``record`` as the element libvirt stores (namespace declared on the root)."""
-    root = ET.Element(ROOT, {"xmlns": NAMESPACE})
-    for name in _FIELDS:
+def to_xml(record: object, namespace: str = NAMESPACE) -> str:
+    """Serialize a record dataclass as the element libvirt stores (namespace on the root)."""
+    root = ET.Element(ROOTS[namespace], {"xmlns": namespace})
+    for name in _fields(type(record)):
         child = ET.SubElement(root, name)
         child.text = str(getattr(record, name))
-    for key, value in sorted(record.extra.items()):
+    for key, value in sorted(getattr(record, "extra", {}).items()):
         ET.SubElement(root, "extra", {"key": key}).text = value
     # ElementTree writes a CR in text as is and XML parsers read it as LF, so a character
     # reference replaces it. ElementTree already escapes CR in attributes.
     return ET.tostring(root, encoding="unicode").replace("\r", "&#13;")
 
 
-def from_xml(text: str) -> DesktopRecord:
+def from_xml(text: str, cls: type = DesktopRecord):
     """Parse the element written by ``to_xml``; unknown children are ignored."""
     root = ET.fromstring(text)
+    fields = _fields(cls)
     values: dict[str, object] = {}
     extra: dict[str, str] = {}
     for child in root:
         tag = child.tag.split("}", 1)[-1]
         if tag == "extra":
             extra[child.get("key", "")] = child.text or ""
-        elif tag in _FIELDS:
-            values[tag] = _convert(_FIELDS[tag], child.text or "")
-    return DesktopRecord(**values, extra=extra)  # type: ignore[arg-type]
+        elif tag in fields:
+            values[tag] = _convert(fields[tag], child.text or "")
+    if "extra" in {f.name for f in dataclasses.fields(cls)}:
+        values["extra"] = extra
+    return cls(**values)
 
 
 def _convert(spec: dataclasses.Field, text: str) -> object:
@@ -82,10 +89,10 @@ def _convert(spec: dataclasses.Field, text: str) -> object:
     return text
 
 
-def read(domain: libvirt.virDomain) -> DesktopRecord | None:
+def read(domain: libvirt.virDomain, cls: type = DesktopRecord, namespace: str = NAMESPACE):
     """Return the record stored in ``domain`` or None if labctl did not create it."""
     try:
-        text = domain.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NAMESPACE, 0)
+        text = domain.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, namespace, 0)
     except libvirt.libvirtError as exc:
         # A domain that vanished since it was listed (another program removed it)
         # has no record either.
@@ -93,16 +100,18 @@ def read(domain: libvirt.virDomain) -> DesktopRecord | None:
                                     libvirt.VIR_ERR_NO_DOMAIN):
             return None
         raise
-    return from_xml(text)
+    return from_xml(text, cls)
 
 
-def write(domain: libvirt.virDomain, record: DesktopRecord) -> None:
-    """Replace the stored record in both the live and the persistent definition."""
-    flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+def write(domain: libvirt.virDomain, record: object, namespace: str = NAMESPACE) -> None:
+    """Replace the stored record in the live and (if there is one) persistent definition."""
+    flags = 0
+    if domain.isPersistent():
+        flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
     if domain.isActive():
         flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
     domain.setMetadata(
-        libvirt.VIR_DOMAIN_METADATA_ELEMENT, to_xml(record), PREFIX, NAMESPACE, flags
+        libvirt.VIR_DOMAIN_METADATA_ELEMENT, to_xml(record, namespace), PREFIX, namespace, flags
     )
 
 

@@ -1,0 +1,16 @@
+#!/bin/sh
+# /sbin/labctl-install-host-key of the labctl tiny image: install the OpenSSH ed25519
+# private key in $1 as dropbear's host key and restart dropbear with it. ClonePrep runs
+# this through the guest agent after an instant clone.
+set -eu
+key=/etc/dropbear/dropbear_ed25519_host_key
+[ -f "$1" ] || { echo "no key file at $1" >&2; exit 1; }
+umask 077
+dropbearconvert openssh dropbear "$1" "$key.new" >/dev/null
+mv "$key.new" "$key"
+if [ -f /run/dropbear.pid ]; then
+    kill "$(cat /run/dropbear.pid)" 2>/dev/null || true
+fi
+# Output and input detached: the agent waits for this script's pipes to close.
+dropbear -F -E -s -g -p 22 -r "$key" >>/run/log/dropbear.log 2>&1 </dev/null &
+echo $! >/run/dropbear.pid

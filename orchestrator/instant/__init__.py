@@ -1,0 +1,1 @@
+"""Instant clones: children started from a parent VM's memory instead of booting."""

@@ -1,0 +1,177 @@
+"""Instant clones: a child made from its pool's parent VM, then ClonePrep, then verified.
+
+The child runs first as a transient domain made by the chosen method: ``restore`` (the
+parent's save image with the child's XML in its header) or ``fork`` (the parent's RAM
+file mapped copy-on-write plus its device state). Its NIC is hot-plugged, ClonePrep
+gives it its identity, and its persistent definition is the one of a linked clone on
+the parent's disk: a later cold boot works without the parent's memory state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import libvirt
+
+from orchestrator import paths
+from orchestrator.domain import DiskLayer, render_domain
+from orchestrator.errors import GuestError
+from orchestrator.guest import ssh
+from orchestrator.instant import cloneprep, fork, nic, savefile
+from orchestrator.instant.parent import ParentRecord, ensure_parent
+from orchestrator.provision import readiness
+from orchestrator.provision.desktop import Provisioning
+from orchestrator.provision.steps import Step
+from orchestrator.state import metadata
+
+log = logging.getLogger(__name__)
+
+# Where restore's named pipes are made: a directory libvirtd on this machine can read.
+FIFO_DIR = "/run/labctl"
+
+
+@dataclass
+class ChildProvisioning(Provisioning):
+    method: str = "restore"
+    parent: ParentRecord | None = None
+    address: str = ""  # the guest's IPv4 address on its NIC
+
+    def steps(self) -> list[Step]:
+        return [
+            Step("check", self.check_name),
+            Step("parent", self.ensure_parent),
+            Step("identity", self.make_identity),
+            Step("os-disk", self.create_os_disk, self.remove_os_disk),
+            Step("seed", self.create_seed, self.remove_seed),
+            Step("clone", self.clone, self.undefine),
+            Step("nic", self.plug_nic),
+            Step("cloneprep", self.cloneprep),
+            Step("persist", self.persist),
+            Step("ready", self.wait_ready),
+            Step("record", self.record_ready),
+        ]
+
+    # -- steps ---------------------------------------------------------------------
+
+    def ensure_parent(self) -> None:
+        started = time.monotonic()
+        self.parent = ensure_parent(self.ctx, self.request, self.method, self.access_key,
+                                    self.on_event)
+        self.timings["parent"] = time.monotonic() - started
+
+    def backing_layers(self) -> tuple[DiskLayer, ...]:
+        assert self.parent is not None and self.replica is not None
+        return (DiskLayer(self.parent.disk, "qcow2"), self.replica.disk)
+
+    def clone(self) -> None:
+        """Make the running (transient) child from the parent's state."""
+        assert self.parent is not None
+        started = time.monotonic()
+        self.record = self.build_record()
+        self.record.extra["parent"] = self.parent.key
+        self.record.extra["method"] = self.method
+        if self.method == "fork":
+            self.domain = self._fork()
+        else:
+            self.domain = self._restore()
+        self.timings["clone"] = time.monotonic() - started
+
+    def _fork(self) -> libvirt.virDomain:
+        assert self.parent is not None and self.record is not None
+        args = fork.child_args(self.parent.ram_file, self.request.memory_bytes)
+        xml = render_domain(self.domain_spec(self.record, nic=False, extra_args=tuple(args)))
+        try:
+            domain = self.ctx.conn.createXML(xml, libvirt.VIR_DOMAIN_START_PAUSED)
+        except libvirt.libvirtError as exc:
+            raise GuestError(f"starting the child failed: {exc.get_error_message()}",
+                             where=self.request.name) from exc
+        self.domain = domain  # so that the undo finds it if the state load fails
+        fork.load_device_state(domain, self.parent.state_file,
+                               timeout=self.request.ready_timeout)
+        domain.resume()
+        return domain
+
+    def _restore(self) -> libvirt.virDomain:
+        assert self.parent is not None and self.record is not None and self.identity
+        image = savefile.read_save_image(self.parent.state_file)
+        spec = self.domain_spec(self.record, nic=False)
+        xml = savefile.retarget_xml(
+            image.xml, name=spec.name, uuid=spec.uuid, title=spec.title, genid=spec.genid,
+            metadata_xml=spec.metadata_xml, console_log=spec.console_log,
+            disks={disk.target: disk for disk in self.disks()},
+        )
+        paths.ensure_private_dir(Path(FIFO_DIR))
+        return savefile.restore_child(self.ctx.conn, image, xml, workdir=FIFO_DIR,
+                                      timeout=self.request.ready_timeout)
+
+    def undefine(self) -> None:
+        if self.domain is None:
+            return
+        with contextlib.suppress(libvirt.libvirtError):
+            if self.domain.isActive():
+                self.domain.destroy()
+        with contextlib.suppress(libvirt.libvirtError):
+            if self.domain.isPersistent():
+                self.domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+
+    def plug_nic(self) -> None:
+        """Hot-plug the child's NIC and wait until the guest has an address on it."""
+        assert self.domain is not None and self.identity is not None
+        started = time.monotonic()
+        nic.hot_plug(self.domain, self.request.network, self.identity.mac, self.ssh_port)
+        if self.request.network.mode != "none":
+            self.address = readiness.guest_address(self.domain, self.identity.mac,
+                                                   timeout=self.request.ready_timeout)
+        self.timings["nic"] = time.monotonic() - started
+
+    def cloneprep(self) -> None:
+        assert self.domain is not None and self.identity is not None
+        assert self.parent is not None
+        started = time.monotonic()
+        target = cloneprep.Target(
+            identity=self.identity, parent_instance_id=self.parent.instance_id,
+            profile=cloneprep.profile_for(self.request.image.identity),
+            run_once=self.request.run_once,
+        )
+        self.timings.update({f"cloneprep.{key}": value for key, value
+                             in cloneprep.run(self.domain, target).items()})
+        cloneprep.verify(self.domain, target)
+        self.timings["cloneprep"] = time.monotonic() - started
+
+    def persist(self) -> None:
+        """Define the child as a linked clone of the parent's disk, for later cold boots.
+
+        The running domain is transient until now; the definition applies from its next
+        start, so the fork arguments never reach a persistent definition.
+        """
+        assert self.record is not None
+        self.domain = self.ctx.conn.defineXML(render_domain(self.domain_spec(self.record)))
+
+    def wait_ready(self) -> None:
+        """ClonePrep was verified already; what is left is SSH with the child's host key."""
+        assert self.identity is not None
+        started = time.monotonic()
+        if self.request.network.mode != "none":
+            address = "127.0.0.1" if self.request.network.mode == "user" else self.address
+            ssh.wait_for_login(address, self.ssh_port or 22, self.request.login_user,
+                               self.access_key.private, self.identity.ssh_host_key.public,
+                               timeout=self.request.ready_timeout, name=self.request.name)
+        self.timings["ssh"] = time.monotonic() - started
+
+    def record_ready(self) -> None:
+        assert self.domain is not None and self.record is not None
+        self.record.state = "ready"
+        self.record.ready_seconds = round(sum(
+            self.timings.get(key, 0.0)
+            for key in ("storage", "clone", "nic", "cloneprep", "ssh")), 2)
+        metadata.write(self.domain, self.record)
+
+
+def child_method(requested: str, unavailable: str | None) -> str:
+    """The method children are made with: fork falls back to restore where it cannot run."""
+    return "restore" if requested == "fork" and unavailable else requested
+

@@ -1,0 +1,318 @@
+"""Parent VMs of instant clones: booted once, prepared, paused, saved, then frozen.
+
+One parent exists per instant pool and configuration (image version, method,
+hardware, users): its key hashes them, so a new image version gets a new parent and
+the old one goes once no child uses its disk. A parent has no NIC, so no child ever
+shows the parent's MAC. After the save it stays defined (shut off) only to carry its
+record; its disk is made read-only, because every child's overlay is backed by it.
+
+Artifacts, all named after the key, so an interrupted build can be found and removed:
+domain ``labctl-parent-KEY``, volumes ``labctl-parent-KEY-os.qcow2`` and
+``-seed.iso``, the state file ``labctl-parent-KEY.save`` (restore: a libvirt save
+image) or ``.state`` (fork: device state only) in the storage pool, and for fork the
+RAM file ``fork.ram_path(KEY)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import libvirt
+
+from orchestrator import locks
+from orchestrator.domain import render_domain
+from orchestrator.errors import GuestError
+from orchestrator.guest import agent
+from orchestrator.hosts.context import HostContext
+from orchestrator.identity import keys
+from orchestrator.instant import fork
+from orchestrator.provision import readiness
+from orchestrator.provision.desktop import Provisioning
+from orchestrator.provision.request import DesktopRequest, NetworkSpec
+from orchestrator.provision.steps import EventSink, Step, run_steps
+from orchestrator.state import metadata
+from orchestrator.state.metadata import PARENT_NAMESPACE, DesktopRecord
+from orchestrator.storage import pool as volumes
+from orchestrator.storage.replica import replica_users
+
+log = logging.getLogger(__name__)
+
+PREFIX = "labctl-parent-"
+
+
+@dataclass
+class ParentRecord:
+    """Facts about one parent VM, stored in its domain under PARENT_NAMESPACE."""
+
+    key: str
+    inventory: str
+    pool: str
+    image: str
+    method: str
+    host: str
+    state: str = "building"
+    disk: str = ""
+    seed: str = ""
+    state_file: str = ""
+    ram_file: str = ""
+    state_bytes: int = 0
+    memory_bytes: int = 0
+    instance_id: str = ""
+    created: str = ""
+    build_seconds: float = 0.0
+
+
+def parent_key(request: DesktopRequest, method: str, domain_type: str) -> str:
+    """Hash of what a parent's memory depends on: children of one key are interchangeable."""
+    data = {
+        "inventory": request.inventory, "pool": request.pool, "image": request.image.ref,
+        "method": method, "vcpus": request.vcpus, "memory": request.memory_bytes,
+        "disk": request.disk_size, "users": [dataclasses.asdict(u) for u in request.users],
+        "timezone": request.timezone, "domain": request.domain, "type": domain_type,
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def parent_name(key: str) -> str:
+    return f"{PREFIX}{key}"
+
+
+def state_file_name(key: str, method: str) -> str:
+    return f"{parent_name(key)}.{'state' if method == 'fork' else 'save'}"
+
+
+def read_record(domain: libvirt.virDomain) -> ParentRecord | None:
+    return metadata.read(domain, ParentRecord, PARENT_NAMESPACE)
+
+
+def parent_request(request: DesktopRequest, key: str) -> DesktopRequest:
+    """The parent's own request: the pool's image, hardware and users, no NIC."""
+    return dataclasses.replace(
+        request, name=parent_name(key), index=0, hostname=parent_name(key),
+        network=NetworkSpec(name="", mode="none"), run_once=(),
+    )
+
+
+@dataclass
+class ParentBuild(Provisioning):
+    """Provisioning of a parent: a desktop without NIC, then prepared, saved and frozen."""
+
+    key: str = ""
+    method: str = "restore"
+    parent: ParentRecord | None = None
+
+    def steps(self) -> list[Step]:
+        return [
+            Step("check", self.check_name),
+            Step("identity", self.make_identity),
+            Step("os-disk", self.create_os_disk, self.remove_os_disk),
+            Step("seed", self.create_seed, self.remove_seed),
+            Step("define", self.define, self.undefine),
+            Step("start", self.start, self.stop),
+            Step("ready", self.wait_ready),
+            Step("prepare", self.prepare),
+            Step("save", self.save, self.remove_state),
+            Step("freeze", self.freeze),
+        ]
+
+    def run_parent(self) -> ParentRecord:
+        started = time.monotonic()
+        run_steps(self.request.name, self.steps(), self.on_event)
+        assert self.parent is not None
+        self.parent.build_seconds = round(time.monotonic() - started, 1)
+        self.parent.state = "ready"
+        assert self.domain is not None
+        metadata.write(self.domain, self.parent, PARENT_NAMESPACE)
+        return self.parent
+
+    def define(self) -> None:
+        if self.method == "fork":
+            fork.prepare_ram_dir()
+        super().define()
+
+    def define_args(self) -> tuple[str, ...]:
+        if self.method != "fork":
+            return ()
+        return tuple(fork.parent_args(fork.ram_path(self.key), self.request.memory_bytes))
+
+    def stop(self) -> None:
+        super().stop()
+        if self.method == "fork":
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(fork.ram_path(self.key))
+
+    def metadata_xml(self, record: DesktopRecord) -> str:
+        assert self.identity is not None
+        if self.parent is not None:
+            return metadata.to_xml(self.parent, PARENT_NAMESPACE)
+        self.parent = ParentRecord(
+            key=self.key, inventory=self.request.inventory, pool=self.request.pool,
+            image=self.request.image.ref, method=self.method, host=self.request.host,
+            disk=self.os_disk, seed=self.seed, memory_bytes=self.request.memory_bytes,
+            instance_id=self.identity.instance_id,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        return metadata.to_xml(self.parent, PARENT_NAMESPACE)
+
+    def wait_ready(self) -> None:
+        """The guest agent, the parent's identity and cloud-init done; no NIC, so no SSH."""
+        assert self.domain is not None and self.identity is not None
+        expected = readiness.Expected(
+            hostname=self.identity.hostname, machine_id=self.identity.machine_id,
+            ssh_address="", ssh_port=0, login_user="", host_key="",
+            cloud_init=self.request.image.identity == "cloud-init",
+        )
+        readiness.wait_ready(self.domain, expected, "", timeout=self.request.ready_timeout)
+
+    def prepare(self) -> None:
+        """Write everything to disk and drop clean caches: less state to save and restore."""
+        assert self.domain is not None
+        agent.check_output(self.domain, ["sync"])
+        agent.write_file(self.domain, "/proc/sys/vm/drop_caches", b"3\n", mode=None)
+
+    def save(self) -> None:
+        assert self.domain is not None and self.parent is not None
+        started = time.monotonic()
+        path = os.path.join(volumes.pool_path(self.ctx.pool),
+                            state_file_name(self.key, self.method))
+        self.parent.state_file = path
+        if self.method == "fork":
+            self.domain.suspend()
+            self.parent.state_bytes = fork.save_device_state(
+                self.domain, path, timeout=self.request.ready_timeout)
+            self.parent.ram_file = fork.ram_path(self.key)
+            self.domain.destroy()
+        else:
+            try:
+                self.domain.save(path)
+            except libvirt.libvirtError as exc:
+                raise GuestError(f"saving the parent failed: {exc.get_error_message()}",
+                                 where=self.request.name,
+                                 fix="check free space in the storage pool") from exc
+            self.parent.state_bytes = os.path.getsize(path)
+        self.timings["save"] = time.monotonic() - started
+
+    def remove_state(self) -> None:
+        assert self.parent is not None
+        remove_files(self.parent)
+
+    def freeze(self) -> None:
+        """Make the parent's disk read-only and its definition unable to touch shared state.
+
+        Children's overlays are backed by the parent's disk and fork children map its RAM
+        file: the redefined parent has no shared RAM and a read-only disk, so starting it
+        by mistake cannot change either.
+        """
+        assert self.record is not None and self.parent is not None
+        os.chmod(self.os_disk, 0o444)
+        xml = render_domain(dataclasses.replace(self.domain_spec(self.record),
+                                                title=f"parent VM of pool {self.request.pool} "
+                                                f"({self.request.inventory}); do not start"))
+        self.domain = self.ctx.conn.defineXML(xml)
+        volumes.refresh(self.ctx.pool)
+
+
+def ensure_parent(ctx: HostContext, request: DesktopRequest, method: str,
+                  access_key: keys.KeyPair, on_event: EventSink) -> ParentRecord:
+    """Return the ready parent for ``request``'s pool, building it once if needed.
+
+    Children of one pool call this concurrently: the first builds under the parent's
+    lock, the others wait and reuse it.
+    """
+    key = parent_key(request, method, ctx.domain_type)
+    name = parent_name(key)
+    with locks.named_lock(f"parent:{ctx.settings.uri}:{name}"):
+        existing = _lookup(ctx, name)
+        if existing is not None:
+            record = read_record(existing)
+            if record is not None and record.state == "ready" and _files_present(record):
+                return record
+            log.info("%s: removing an unfinished or damaged parent", name)
+            remove_parent(ctx, existing)
+        on_event(name, "parent", f"building ({method})")
+        job = ParentBuild(ctx, parent_request(request, key), access_key, on_event,
+                          key=key, method=method)
+        record = job.run_parent()
+        on_event(name, "parent", f"ready in {record.build_seconds:.1f} s, state "
+                 f"{record.state_bytes / 1e6:.1f} MB")
+        return record
+
+
+def _lookup(ctx: HostContext, name: str) -> libvirt.virDomain | None:
+    try:
+        return ctx.conn.lookupByName(name)
+    except libvirt.libvirtError:
+        return None
+
+
+def _files_present(record: ParentRecord) -> bool:
+    files = [record.disk, record.state_file] + ([record.ram_file] if record.ram_file else [])
+    return all(os.path.exists(path) for path in files)
+
+
+def inventory_parents(conn: libvirt.virConnect,
+                      inventory: str) -> list[tuple[libvirt.virDomain, ParentRecord]]:
+    found = []
+    for domain in conn.listAllDomains(0):
+        if not domain.name().startswith(PREFIX):
+            continue
+        record = read_record(domain)
+        if record is not None and record.inventory == inventory:
+            found.append((domain, record))
+    return found
+
+
+def remove_files(record: ParentRecord) -> None:
+    """Remove a parent's state and RAM files (children already running keep their
+    mapping of the RAM file; a cold boot of a child needs neither)."""
+    for path in (record.state_file, record.ram_file):
+        if path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+def remove_parent(ctx: HostContext, domain: libvirt.virDomain) -> None:
+    """Remove a parent domain, its volumes and its files."""
+    name = domain.name()
+    record = read_record(domain)
+    with contextlib.suppress(libvirt.libvirtError):
+        if domain.isActive():
+            domain.destroy()
+    domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+                         | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+    if record is not None:
+        remove_files(record)
+    for suffix in ("-os.qcow2", "-seed.iso", ".save", ".state"):
+        volumes.delete(ctx.pool, f"{name}{suffix}")
+    log.info("removed parent %s", name)
+
+
+def parent_users(ctx: HostContext, record: ParentRecord, name: str) -> list[str]:
+    """Domains and volumes (other than the parent's own) whose disks are backed by it."""
+    users = replica_users(ctx.conn, ctx.pool, record.disk)
+    return [user for user in users if user != f"domain {name}"]
+
+
+def remove_unused_parents(ctx: HostContext, inventory: str, keep: set[str],
+                          on_event: EventSink) -> list[str]:
+    """Remove the inventory's parents not in ``keep`` (keys) that no child uses."""
+    removed = []
+    for domain, record in inventory_parents(ctx.conn, inventory):
+        if record.key in keep:
+            continue
+        name = domain.name()
+        with locks.named_lock(f"parent:{ctx.settings.uri}:{name}"):
+            if parent_users(ctx, record, name):
+                continue
+            remove_parent(ctx, domain)
+        on_event(name, "remove", "unused parent removed")
+        removed.append(name)
+    return removed

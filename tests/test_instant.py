@@ -1,0 +1,281 @@
+"""Instant clones on real tiny guests: a parent VM, children by restore and by fork.
+
+Each method gets one inventory with an instant pool of 4, applied once per xdist
+worker. The checks read every value from inside the guests (through the guest agent
+and through `labctl ssh`), not from labctl's records: MAC, hostname, machine-id, SSH
+host key, clock. Failure tests drive provisioning in-process and check by name that
+nothing of the failed desktop or parent is left on the host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import libvirt
+import pytest
+import yaml
+from conftest import TEST_POOL, TEST_POOL_PATH, URI, run_labctl, unique_name
+
+from orchestrator.apply import provision
+from orchestrator.guest import agent
+from orchestrator.hosts.context import HostSettings, open_host
+from orchestrator.identity import keys
+from orchestrator.instant import cloneprep, parent
+from orchestrator.provision.request import DesktopRequest, NetworkSpec
+from orchestrator.provision.steps import StepFailed
+from orchestrator.state import metadata
+
+pytestmark = pytest.mark.libvirt
+
+APPLY_TIMEOUT = 900
+SIZE = 4
+
+
+def instant_pool(prefix: str, method: str, size: int = SIZE) -> dict:
+    return {"image": "tiny", "clone": "instant", "instant": {"method": method}, "size": size,
+            "naming": f"{prefix}{{n}}", "network": "lab", "hardware": {"memory": "128MiB"}}
+
+
+def describe(result: subprocess.CompletedProcess) -> str:
+    return f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+
+
+@dataclass(frozen=True)
+class InstantLab:
+    path: Path
+    method: str
+    apply: subprocess.CompletedProcess
+    names: list[str]
+
+    def status(self) -> dict:
+        result = run_labctl("status", str(self.path), "-o", "json")
+        assert result.returncode == 0, describe(result)
+        return json.loads(result.stdout)
+
+    def desktops(self) -> dict[str, dict]:
+        return {d["name"]: d for pool in self.status()["pools"] for d in pool["desktops"]}
+
+
+def write_inventory(directory: Path, pools: dict) -> Path:
+    name = unique_name("i")
+    document = {
+        "name": name,
+        "hosts": {"local": {"uri": URI, "storage": {"pool": TEST_POOL, "path": TEST_POOL_PATH}}},
+        "images": {"tiny": {"build": "tiny"}},
+        "networks": {"lab": {"mode": "user"}},
+        "pools": pools,
+    }
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session", params=["restore", "fork"])
+def instant_lab(request, tmp_path_factory, tiny_image) -> InstantLab:
+    method = request.param
+    prefix = unique_name("c")
+    path = write_inventory(tmp_path_factory.mktemp(f"instant-{method}"),
+                           {"kids": instant_pool(prefix, method)})
+    result = run_labctl("apply", str(path), timeout=APPLY_TIMEOUT)
+    try:
+        yield InstantLab(path, method, result, [f"{prefix}{n}" for n in range(1, SIZE + 1)])
+    finally:
+        run_labctl("destroy", str(path))
+
+
+@pytest.fixture
+def lab(instant_lab) -> InstantLab:
+    assert instant_lab.apply.returncode == 0, (
+        f"labctl apply of the {instant_lab.method} pool failed: {describe(instant_lab.apply)}")
+    return instant_lab
+
+
+def guest_identity(domain: libvirt.virDomain) -> dict[str, str]:
+    """Hostname, machine-id, MACs and SSH host key as the guest itself reports them."""
+    interfaces = agent.command(domain, "guest-network-get-interfaces") or []
+    macs = sorted(i["hardware-address"] for i in interfaces  # type: ignore[union-attr]
+                  if i.get("name") != "lo" and i.get("hardware-address"))
+    key = agent.run(domain, ["dropbearkey", "-y", "-f",
+                             "/etc/dropbear/dropbear_ed25519_host_key"]).stdout
+    public = next((line for line in key.splitlines() if line.startswith("ssh-ed25519")), "")
+    return {
+        "hostname": agent.check_output(domain, ["hostname"]).strip(),
+        "machine_id": agent.check_output(domain, ["cat", "/etc/machine-id"]).strip(),
+        "macs": ",".join(macs),
+        "host_key": " ".join(public.split()[:2]),
+    }
+
+
+def test_children_ready_with_distinct_identities(lab, conn):
+    desktops = lab.desktops()
+    assert sorted(desktops) == sorted(lab.names), f"status lists {sorted(desktops)}"
+    seen = {}
+    for name in lab.names:
+        assert desktops[name]["state"] == "running", f"{name}: {desktops[name]['state']}"
+        domain = conn.lookupByName(name)
+        seen[name] = guest_identity(domain)
+        assert seen[name]["hostname"] == name, f"{name}: guest hostname {seen[name]}"
+        assert seen[name]["macs"] == desktops[name]["mac"], (
+            f"{name}: the guest sees NICs {seen[name]['macs']!r}, expected only "
+            f"{desktops[name]['mac']}")
+        assert seen[name]["machine_id"] == desktops[name]["machine_id"]
+        assert seen[name]["host_key"] == " ".join(desktops[name]["ssh_host_key"].split()[:2])
+        offset = agent.clock_offset(domain)
+        assert abs(offset) <= 2.0, f"{name}: guest clock is {offset:+.1f} s off the host's"
+    parents = lab.status()["parents"]
+    assert len(parents) == 1, f"expected one parent, status lists {parents}"
+    assert parents[0]["method"] == lab.method and parents[0]["state"] == "ready", parents
+    parent_domain = conn.lookupByName(parents[0]["name"])
+    record = parent.read_record(parent_domain)
+    assert record is not None
+    for key in ("hostname", "machine_id", "macs", "host_key"):
+        values = [identity[key] for identity in seen.values()]
+        assert len(set(values)) == len(values), f"{key} repeats across children: {values}"
+    assert parents[0]["name"] not in {identity["hostname"] for identity in seen.values()}
+    assert parent_domain.UUIDString().replace("-", "") not in {
+        identity["machine_id"] for identity in seen.values()}, "a child kept the parent's id"
+
+
+def test_children_reachable_by_labctl_ssh(lab):
+    for name in lab.names:
+        result = run_labctl("ssh", name, "--inventory", str(lab.path), "--", "hostname",
+                            timeout=120)
+        assert result.returncode == 0, f"labctl ssh {name}: {describe(result)}"
+        assert result.stdout.strip() == name
+
+
+def test_parent_shut_off_with_frozen_disk(lab, conn):
+    (entry,) = lab.status()["parents"]
+    domain = conn.lookupByName(entry["name"])
+    assert not domain.isActive(), "the parent still runs after its save"
+    record = parent.read_record(domain)
+    assert record is not None
+    assert os.stat(record.disk).st_mode & 0o777 == 0o444, "parent disk is not read-only"
+    assert entry["state_bytes"] > 0 and os.path.exists(record.state_file)
+    if lab.method == "fork":
+        assert entry["ram_bytes"] > 0, "fork parent has no RAM file"
+        assert entry["state_bytes"] < 16 << 20, (
+            f"fork state is {entry['state_bytes']} bytes: x-ignore-shared did not apply")
+
+
+def test_child_cold_boot_without_parent_state(lab, conn):
+    """A child is a linked clone of the parent's disk once it is defined: it boots cold."""
+    name = lab.names[-1]
+    domain = conn.lookupByName(name)
+    domain.destroy()
+    domain.create()
+    agent.wait_for_agent(domain, timeout=120)
+    identity = guest_identity(domain)
+    desktops = lab.desktops()
+    assert identity["hostname"] == name, f"after a cold boot: {identity}"
+    assert identity["machine_id"] == desktops[name]["machine_id"]
+
+
+def test_refresh_keeps_name_and_mac_and_cleans_disk(lab, conn):
+    name = lab.names[0]
+    before = lab.desktops()[name]
+    domain = conn.lookupByName(name)
+    agent.check_output(domain, ["touch", "/data/refresh-marker"])
+    agent.check_output(domain, ["sync"])
+    result = run_labctl("refresh", str(lab.path), name, timeout=APPLY_TIMEOUT)
+    assert result.returncode == 0, describe(result)
+    after = lab.desktops()[name]
+    assert after["mac"] == before["mac"] and after["uuid"] == before["uuid"]
+    assert after["generation"] == before["generation"] + 1
+    domain = conn.lookupByName(name)
+    marker = agent.run(domain, ["test", "-e", "/data/refresh-marker"])
+    assert marker.exit_code != 0, "the refreshed child still has the file written before"
+    assert guest_identity(domain)["macs"] == before["mac"]
+
+
+# -- failures leave nothing behind ------------------------------------------------------
+
+
+@pytest.fixture
+def test_host():
+    settings = HostSettings(name="local", uri=URI, storage_pool=TEST_POOL,
+                            storage_path=TEST_POOL_PATH, max_parallel=2)
+    ctx = open_host(settings)
+    yield ctx
+    ctx.close()
+
+
+def child_request(name: str, image, method: str, **changes) -> DesktopRequest:
+    values = dict(name=name, inventory=f"inv-{name}", pool="kids", index=1, clone="instant",
+                  image=image, host="local", memory_bytes=128 << 20,
+                  network=NetworkSpec("lab", "user"), ready_timeout=120.0, instant=method)
+    values.update(changes)
+    return DesktopRequest(**values)
+
+
+def leftovers(conn: libvirt.virConnect, *names: str) -> list[str]:
+    found = [d.name() for d in conn.listAllDomains(0) if d.name() in names]
+    pool = conn.storagePoolLookupByName(TEST_POOL)
+    pool.refresh(0)
+    found += [v.name() for v in pool.listAllVolumes(0)
+              if any(v.name().startswith(f"labctl-{n}") for n in names)]
+    found += [f for f in os.listdir("/dev/shm/labctl") if any(n in f for n in names)] \
+        if os.path.isdir("/dev/shm/labctl") else []
+    return found
+
+
+@pytest.mark.parametrize("method", ["restore", "fork"])
+def test_parent_that_never_answers_leaves_nothing(test_host, tiny_image, method):
+    name = unique_name("n")
+    request = child_request(name, tiny_image, method, ready_timeout=1.0)
+    key = parent.parent_key(request, method, test_host.domain_type)
+    with pytest.raises(StepFailed) as caught:
+        provision(test_host, request, keys.generate_ed25519("t"), lambda *_: None)
+    assert caught.value.step == "parent", f"failed at {caught.value.step}: {caught.value}"
+    assert "guest agent" in str(caught.value), str(caught.value)
+    assert leftovers(test_host.conn, name, parent.parent_name(key)) == []
+
+
+@pytest.mark.parametrize("method", ["restore", "fork"])
+def test_failed_save_leaves_nothing(test_host, tiny_image, method, monkeypatch):
+    name = unique_name("s")
+    request = child_request(name, tiny_image, method)
+    key = parent.parent_key(request, method, test_host.domain_type)
+
+    def broken_save(self):
+        raise OSError(28, "No space left on device (injected)")
+
+    monkeypatch.setattr(parent.ParentBuild, "save", broken_save)
+    with pytest.raises(StepFailed) as caught:
+        provision(test_host, request, keys.generate_ed25519("t"), lambda *_: None)
+    assert "No space left" in str(caught.value)
+    assert leftovers(test_host.conn, name, parent.parent_name(key)) == []
+
+
+def test_child_failing_cloneprep_is_never_ready(test_host, tiny_image, monkeypatch):
+    name = unique_name("p")
+    request = child_request(name, tiny_image, "restore")
+    key = parent.parent_key(request, "restore", test_host.domain_type)
+
+    def wrong_machine_id(domain, target):
+        agent.write_file(domain, "/etc/machine-id", b"0" * 32 + b"\n")
+
+    operations = cloneprep._operations
+
+    def patched(profile):
+        return [(n, wrong_machine_id if n == "machine-id" else op) for n, op in operations(profile)]
+
+    monkeypatch.setattr(cloneprep, "_operations", patched)
+    events: list[tuple[str, str, str]] = []
+    try:
+        with pytest.raises(StepFailed) as caught:
+            provision(test_host, request, keys.generate_ed25519("t"),
+                      lambda *event: events.append(event))
+        assert caught.value.step == "cloneprep", str(caught.value)
+        assert "machine-id" in str(caught.value), str(caught.value)
+        assert not [e for e in events if e[0] == name and e[1] == "record"], events
+        assert leftovers(test_host.conn, name) == []
+    finally:
+        domain = test_host.conn.lookupByName(parent.parent_name(key))
+        parent.remove_parent(test_host, domain)
+    records = [metadata.read(d) for d in test_host.conn.listAllDomains(0) if d.name() == name]
+    assert records == []
