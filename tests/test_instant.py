@@ -252,30 +252,26 @@ def test_failed_save_leaves_nothing(test_host, tiny_image, method, monkeypatch):
 
 
 def test_child_failing_cloneprep_is_never_ready(test_host, tiny_image, monkeypatch):
+    """ClonePrep writes a wrong machine-id; the readback must catch it and roll back."""
     name = unique_name("p")
     request = child_request(name, tiny_image, "restore")
     key = parent.parent_key(request, "restore", test_host.domain_type)
+    arguments = cloneprep.arguments
 
-    def wrong_machine_id(domain, target):
-        agent.write_file(domain, "/etc/machine-id", b"0" * 32 + b"\n")
+    def wrong_machine_id(target, epoch):
+        argv = arguments(target, epoch)
+        return [("0" * 32 if value == target.identity.machine_id else value) for value in argv]
 
-    operations = cloneprep._operations
-
-    def patched(profile):
-        return [(n, wrong_machine_id if n == "machine-id" else op) for n, op in operations(profile)]
-
-    monkeypatch.setattr(cloneprep, "_operations", patched)
+    monkeypatch.setattr(cloneprep, "arguments", wrong_machine_id)
     events: list[tuple[str, str, str]] = []
     try:
         with pytest.raises(StepFailed) as caught:
             provision(test_host, request, keys.generate_ed25519("t"),
                       lambda *event: events.append(event))
-        assert caught.value.step == "cloneprep", str(caught.value)
+        assert caught.value.step == "verify", str(caught.value)
         assert "machine-id" in str(caught.value), str(caught.value)
         assert not [e for e in events if e[0] == name and e[1] == "record"], events
         assert leftovers(test_host.conn, name) == []
     finally:
         domain = test_host.conn.lookupByName(parent.parent_name(key))
         parent.remove_parent(test_host, domain)
-    records = [metadata.read(d) for d in test_host.conn.listAllDomains(0) if d.name() == name]
-    assert records == []

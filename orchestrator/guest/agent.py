@@ -76,11 +76,21 @@ def wait_for_agent(domain: libvirt.virDomain, *, timeout: float, poll: float = 0
 def run(domain: libvirt.virDomain, argv: list[str], *, timeout: float = 30,
         stdin: bytes | None = None) -> ExecResult:
     """Run ``argv`` in the guest (no shell) and return its exit code and captured output."""
+    return wait_exec(domain, spawn(domain, argv, stdin=stdin), argv[0], timeout=timeout)
+
+
+def spawn(domain: libvirt.virDomain, argv: list[str], *, stdin: bytes | None = None) -> int:
+    """Start ``argv`` in the guest (no shell) with output captured; return its guest pid."""
     arguments: dict[str, object] = {"path": argv[0], "arg": argv[1:], "capture-output": True}
     if stdin is not None:
         arguments["input-data"] = base64.b64encode(stdin).decode()
     started = command(domain, "guest-exec", arguments)
-    pid = started["pid"]  # type: ignore[index]
+    return int(started["pid"])  # type: ignore[index]
+
+
+def wait_exec(domain: libvirt.virDomain, pid: int, program: str, *,
+              timeout: float) -> ExecResult:
+    """Wait for a command started by ``spawn`` and return its exit code and output."""
     deadline = time.monotonic() + timeout
     # Short commands finish within milliseconds: poll fast first, then every 0.1 s.
     poll = 0.005
@@ -94,7 +104,7 @@ def run(domain: libvirt.virDomain, argv: list[str], *, timeout: float = 30,
             )
         if time.monotonic() >= deadline:
             raise GuestTimeout(
-                f"command {argv[0]} did not finish within {timeout:.0f} s in the guest",
+                f"command {program} did not finish within {timeout:.0f} s in the guest",
                 where=domain.name(),
             )
         cancel.sleep(poll)

@@ -20,7 +20,7 @@ import libvirt
 from orchestrator import paths
 from orchestrator.domain import DiskLayer, render_domain
 from orchestrator.errors import GuestError
-from orchestrator.guest import ssh
+from orchestrator.guest import agent, ssh
 from orchestrator.instant import cloneprep, fork, nic, savefile
 from orchestrator.instant.parent import ParentRecord, ensure_parent
 from orchestrator.provision import readiness
@@ -48,8 +48,9 @@ class ChildProvisioning(Provisioning):
             Step("os-disk", self.create_os_disk, self.remove_os_disk),
             Step("seed", self.create_seed, self.remove_seed),
             Step("clone", self.clone, self.undefine),
-            Step("nic", self.plug_nic),
             Step("cloneprep", self.cloneprep),
+            Step("nic", self.wait_for_address),
+            Step("verify", self.verify),
             Step("persist", self.persist),
             Step("ready", self.wait_ready),
             Step("record", self.record_ready),
@@ -78,6 +79,9 @@ class ChildProvisioning(Provisioning):
             self.domain = self._fork()
         else:
             self.domain = self._restore()
+        # libvirt learns that the agent's channel is connected from an event that can
+        # arrive a moment after the resume.
+        agent.wait_for_agent(self.domain, timeout=self.request.ready_timeout, poll=0.02)
         self.timings["clone"] = time.monotonic() - started
 
     def _fork(self) -> libvirt.virDomain:
@@ -118,29 +122,38 @@ class ChildProvisioning(Provisioning):
             if self.domain.isPersistent():
                 self.domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
 
-    def plug_nic(self) -> None:
-        """Hot-plug the child's NIC and wait until the guest has an address on it."""
+    def target(self) -> cloneprep.Target:
+        assert self.identity is not None and self.parent is not None
+        return cloneprep.Target(
+            identity=self.identity, parent_instance_id=self.parent.instance_id,
+            profile=cloneprep.profile_for(self.request.image.identity),
+            run_once=self.request.run_once,
+        )
+
+    def cloneprep(self) -> None:
+        """Start ClonePrep in the guest, hot-plug the NIC while it runs, wait for it."""
         assert self.domain is not None and self.identity is not None
         started = time.monotonic()
+        pending = cloneprep.start(self.domain, self.target())
         nic.hot_plug(self.domain, self.request.network, self.identity.mac, self.ssh_port)
+        steps = cloneprep.finish(self.domain, self.target(), pending)
+        self.timings.update({f"cloneprep.{key}": value for key, value in steps.items()})
+        self.timings["cloneprep"] = time.monotonic() - started
+
+    def wait_for_address(self) -> None:
+        """Wait until the guest has an IPv4 address on its NIC (DHCP after the hot-plug)."""
+        assert self.domain is not None and self.identity is not None
+        started = time.monotonic()
         if self.request.network.mode != "none":
             self.address = readiness.guest_address(self.domain, self.identity.mac,
                                                    timeout=self.request.ready_timeout)
         self.timings["nic"] = time.monotonic() - started
 
-    def cloneprep(self) -> None:
-        assert self.domain is not None and self.identity is not None
-        assert self.parent is not None
+    def verify(self) -> None:
+        assert self.domain is not None
         started = time.monotonic()
-        target = cloneprep.Target(
-            identity=self.identity, parent_instance_id=self.parent.instance_id,
-            profile=cloneprep.profile_for(self.request.image.identity),
-            run_once=self.request.run_once,
-        )
-        self.timings.update({f"cloneprep.{key}": value for key, value
-                             in cloneprep.run(self.domain, target).items()})
-        cloneprep.verify(self.domain, target)
-        self.timings["cloneprep"] = time.monotonic() - started
+        cloneprep.verify(self.domain, self.target())
+        self.timings["verify"] = time.monotonic() - started
 
     def persist(self) -> None:
         """Define the child as a linked clone of the parent's disk, for later cold boots.
@@ -167,7 +180,7 @@ class ChildProvisioning(Provisioning):
         self.record.state = "ready"
         self.record.ready_seconds = round(sum(
             self.timings.get(key, 0.0)
-            for key in ("storage", "clone", "nic", "cloneprep", "ssh")), 2)
+            for key in ("storage", "clone", "cloneprep", "nic", "verify", "ssh")), 2)
         metadata.write(self.domain, self.record)
 
 

@@ -132,6 +132,6 @@ def guest_address(domain: libvirt.virDomain, mac: str, *, timeout: float) -> str
             for address in interface.get("ip-addresses", []):
                 if address.get("ip-address-type") == "ipv4":
                     return str(address["ip-address"])
-        cancel.sleep(1)
+        cancel.sleep(0.2)
     raise GuestTimeout(f"no IPv4 address on the NIC {mac} within {timeout:.0f} s",
                        where=domain.name(), fix="check DHCP on the network")
