@@ -16,6 +16,7 @@ from orchestrator import cancel
 from orchestrator.errors import LabctlError
 from orchestrator.identity import keys
 from orchestrator.plan import Action, Plan
+from orchestrator.hosts import facts
 from orchestrator.hosts.context import HostContext
 from orchestrator.instant.child import ChildProvisioning
 from orchestrator.provision.desktop import KeptIdentity, Provisioning
@@ -42,6 +43,10 @@ class ApplyResult:
 def apply_plan(plan: Plan, on_event: EventSink, *, replace: bool = False) -> ApplyResult:
     result = ApplyResult()
     access_key = keys.access_key(plan.inventory.name)
+    for ctx in plan.hosts.values():
+        if ctx.settings.ksm:
+            facts.set_ksm(ctx.settings.ksm == "on")
+            on_event(ctx.settings.name, "ksm", f"kernel same-page merging {ctx.settings.ksm}")
     for action in plan.of_kind("delete"):
         _run(result, action, lambda a=action: _delete(plan, a, on_event), result.deleted)
     work = plan.of_kind("create", "update", "replace", "start")

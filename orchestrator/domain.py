@@ -89,6 +89,8 @@ class DomainSpec:
     machine: str = "pc"
     emulator: str = DEFAULT_EMULATOR
     extra_qemu_args: tuple[str, ...] = field(default=())
+    # False: QEMU does not mark guest RAM mergeable, so KSM never shares its pages.
+    share_pages: bool = True
 
     def qemu_args(self) -> list[str]:
         args = list(self.user_network.qemu_args()) if self.user_network else []
@@ -115,6 +117,7 @@ def render_domain(spec: DomainSpec) -> str:
         agent=spec.agent,
         emulator=spec.emulator,
         qemu_args=spec.qemu_args(),
+        share_pages=spec.share_pages,
     )
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import libvirt
 
 from orchestrator.errors import ConflictError, HostError, ImageError, InventoryError
+from orchestrator.hosts import facts
 from orchestrator.hosts.connection import is_local
 from orchestrator.hosts.context import HostContext, HostSettings, open_host
 from orchestrator.identity.desktop import UserAccount
@@ -69,7 +70,7 @@ def host_settings(inventory: Inventory, key: str) -> HostSettings:
     return HostSettings(
         name=key, uri=host.uri, accelerator=host.accelerator,
         storage_pool=host.storage.pool, storage_path=host.storage.path,
-        max_parallel=host.max_parallel,
+        max_parallel=host.max_parallel, ksm=host.ksm,
     )
 
 
@@ -139,7 +140,7 @@ def desktop_requests(inventory: Inventory, images: dict[str, ImageVersion | None
                 timezone=pool.identity.timezone, run_once=tuple(pool.identity.run_once),
                 ready_timeout=READY_TIMEOUT[accelerator],
                 inventory_path=str(Path(inventory.path).resolve()),
-                instant=instant,
+                instant=instant, share_memory=pool.hardware.share_memory,
             ))
     return requests
 
@@ -220,6 +221,13 @@ def open_inventory_host(inventory: Inventory, key: str) -> HostContext:
 
 
 def _check_host(inventory: Inventory, ctx: HostContext, requests: list[DesktopRequest]) -> None:
+    if ctx.settings.ksm and not (is_local(ctx.settings.uri) and facts.ksm_writable()):
+        raise InventoryError(
+            f"ksm: {ctx.settings.ksm} needs a local host with a writable "
+            f"{facts.KSM_DIR}/run, and host {ctx.settings.name} is not one",
+            where=inventory.where(("hosts", ctx.settings.name, "ksm")),
+            fix="remove ksm: for this host, or run labctl as root on the host itself",
+        )
     memory_bytes = int(ctx.conn.getInfo()[1]) * 1024 * 1024
     for request in requests:
         if request.memory_bytes > memory_bytes:

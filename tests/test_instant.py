@@ -84,7 +84,8 @@ def instant_lab(request, tmp_path_factory, tiny_image) -> InstantLab:
     try:
         yield InstantLab(path, method, result, [f"{prefix}{n}" for n in range(1, SIZE + 1)])
     finally:
-        run_labctl("destroy", str(path))
+        destroyed = run_labctl("destroy", str(path))
+        assert destroyed.returncode == 0, f"labctl destroy {path}: {describe(destroyed)}"
 
 
 @pytest.fixture

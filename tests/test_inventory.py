@@ -184,7 +184,7 @@ def test_size_invalid(tmp_path, hardware, message):
     assert message in error.message
 
 
-@pytest.mark.parametrize(("vcpus", "message"), [(0, "at least 1"), (300, "at most 256")])
+@pytest.mark.parametrize(("vcpus", "message"), [(0, "at least 1"), (256, "at most 255")])
 def test_vcpus_range(tmp_path, vcpus, message):
     error = load_error(tmp_path, pool_yaml(f"hardware: {{vcpus: {vcpus}}}"))
     assert error.where == at(tmp_path, 11)
@@ -545,7 +545,7 @@ def test_unknown_key_lists_allowed(tmp_path):
     error = load_error(tmp_path, pool_yaml("hardware: {zzz: 1}"))
     assert error.where == at(tmp_path, 11)
     assert "pools.lab.hardware: unknown key 'zzz'" in error.message
-    assert error.fix == "allowed keys here: vcpus, memory, disk"
+    assert error.fix == "allowed keys here: vcpus, memory, disk, share_memory"
 
 
 def test_unknown_top_level_key(tmp_path):
@@ -1112,3 +1112,24 @@ def _replace(document, path, value) -> None:
             target[path[-1]] = value
     except (KeyError, IndexError, TypeError):
         pass
+
+
+def test_fork_refuses_unshared_memory(tmp_path):
+    """fork shares pages by design, so share_memory: false must be refused, not ignored."""
+    path = tmp_path / "inv.yaml"
+    path.write_text(
+        "name: fork\n"
+        "images: {tiny: {build: tiny}}\n"
+        "pools:\n"
+        "  kids:\n"
+        "    image: tiny\n"
+        "    clone: instant\n"
+        "    instant: {method: fork}\n"
+        "    size: 2\n"
+        "    naming: kid{n}\n"
+        "    hardware: {share_memory: false}\n"
+    )
+    with pytest.raises(InventoryError) as caught:
+        load_inventory(path)
+    assert "share_memory: false" in caught.value.message, caught.value.message
+    assert "method: restore" in (caught.value.fix or ""), caught.value.fix

@@ -687,3 +687,19 @@ RECORDS = st.builds(
 @given(RECORDS)
 def test_metadata_fuzz_roundtrip(record):
     assert metadata.from_xml(metadata.to_xml(record)) == record
+
+
+def test_nosharepages_only_when_memory_is_not_shared(tmp_path):
+    shared = ET.fromstring(render_domain(linked_spec()))
+    assert shared.find("memoryBacking") is None, "memory sharing is the default"
+    xml = render_domain(replace(linked_spec(), share_pages=False))
+    assert ET.fromstring(xml).find("memoryBacking/nosharepages") is not None, xml
+    validate(tmp_path, xml, "domain")
+
+
+def test_hot_plugged_interface_alone_matches_domain_nic():
+    nic = Interface("network", "lab<&>", "52:54:00:00:00:07")
+    alone = ET.fromstring(render.render("interface.xml.j2", nic=nic))
+    assert alone.get("type") == "network"
+    assert alone.find("source").get("network") == "lab<&>", "source not escaped back"
+    assert alone.find("mac").get("address") == nic.mac

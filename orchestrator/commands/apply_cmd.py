@@ -7,10 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-from orchestrator import locks, output
+from orchestrator import bench_instant, locks, output
 from orchestrator import status as status_module
 from orchestrator.apply import apply_plan, refresh_desktops
 from orchestrator.bench import run_bench, summarize
+from orchestrator.errors import LabctlError
 from orchestrator.hosts.context import HostSettings
 from orchestrator.images import recipes
 from orchestrator.inventory import load_inventory
@@ -261,18 +262,42 @@ def run_smoke(args: argparse.Namespace) -> int:
 
 def register_bench(commands, add_output) -> None:
     bench = commands.add_parser(
-        "bench", help="measure provisioning of linked and full clones (and virt-clone) in one run"
+        "bench", help="measure provisioning of linked and full clones (and virt-clone) in one "
+        "run; with --instant, cold linked clones against instant clones"
     )
-    bench.add_argument("--image", default="tiny", help="recipe to clone (default tiny)")
-    bench.add_argument("--count", type=int, default=4, help="linked clones (default 4)")
-    bench.add_argument("--memory", default="128MiB", help="guest memory (default 128MiB)")
+    bench.add_argument("--instant", action="store_true",
+                       help="compare a cold-booted linked pool with instant pools made by "
+                       "restore and by fork: request to ready, host memory, disk")
+    bench.add_argument("--image", default=None,
+                       help="recipe to clone (default tiny; debian12 with --instant)")
+    bench.add_argument("--count", type=int, default=None,
+                       help="linked clones (default 4); with --instant, desktops per pool "
+                       "before growing (default 8)")
+    bench.add_argument("--big", type=int, default=None,
+                       help="with --instant: desktops per pool after growing (default 20)")
+    bench.add_argument("--memory", default=None,
+                       help="guest memory (default 128MiB; with --instant 512MiB for debian12 "
+                       "and 128MiB for tiny)")
     add_output(bench)
     bench.set_defaults(handler=run_bench_command)
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
-    result = run_bench(args.image, args.count, args.memory,
-                       on_event=output.EventPrinter() if args.output != "json" else _silent)
+    on_event = output.EventPrinter() if args.output != "json" else _silent
+    if args.instant:
+        figures = bench_instant.run_instant_bench(
+            args.image or "debian12", 8 if args.count is None else args.count,
+            20 if args.big is None else args.big, args.memory, on_event=on_event)
+        if args.output == "json":
+            output.print_json(bench_instant.to_json(figures))
+        else:
+            output.print_table("labctl bench --instant", ("measure", "value", "target"),
+                               bench_instant.summarize(figures))
+        return 0
+    if args.big is not None:
+        raise LabctlError("--big applies only with --instant", fix="add --instant or drop --big")
+    result = run_bench(args.image or "tiny", 4 if args.count is None else args.count,
+                       args.memory or "128MiB", on_event=on_event)
     rows = summarize(result)
     if args.output == "json":
         output.print_json({"rows": [{"measure": m, "value": v, "target": t} for m, v, t in rows],

@@ -77,6 +77,7 @@ def parent_key(request: DesktopRequest, method: str, domain_type: str) -> str:
         "method": method, "vcpus": request.vcpus, "memory": request.memory_bytes,
         "disk": request.disk_size, "users": [dataclasses.asdict(u) for u in request.users],
         "timezone": request.timezone, "domain": request.domain, "type": domain_type,
+        "share_memory": request.share_memory,
     }
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 

@@ -73,6 +73,10 @@ class Host(StrictModel):
     max_parallel: Annotated[int, Field(ge=1, le=64)] = Field(
         2, description="Desktops provisioned at once on this host."
     )
+    ksm: Literal["on", "off"] | None = Field(
+        None, description="Turn the host's kernel same-page merging on or off at apply "
+        "(host-wide; local hosts only). Unset: leave it as it is.",
+    )
 
 
 class ImageRef(StrictModel):
@@ -128,9 +132,13 @@ Network = Annotated[UserNetwork | LibvirtNetwork | BridgeNetwork, Field(discrimi
 class Hardware(StrictModel):
     """Virtual hardware of each desktop; ``memory`` and ``disk`` are in bytes."""
 
-    vcpus: Annotated[int, Field(ge=1, le=256)] = 1
+    vcpus: Annotated[int, Field(ge=1, le=255)] = 1
     memory: MemorySize = 512 * MIB
     disk: DiskSize | None = None
+    share_memory: bool = Field(
+        True, description="false: KSM never merges this pool's memory with other guests' "
+        "(libvirt nosharepages), closing that side channel; not with instant method fork.",
+    )
 
 
 class InstantOptions(StrictModel):
@@ -220,6 +228,15 @@ class Pool(StrictModel):
             raise labctl_error(
                 f"instant: applies only to clone: instant, but clone is {self.clone}",
                 fix="remove instant: or set clone: instant",
+                field="instant",
+            )
+        if (self.instant is not None and self.instant.method == "fork"
+                and not self.hardware.share_memory):
+            raise labctl_error(
+                "instant method fork shares the parent's memory pages with every child by "
+                "design, so it cannot honour hardware.share_memory: false",
+                fix="use instant: {method: restore} (children then share no pages unless "
+                "KSM merges them, which share_memory: false also prevents)",
                 field="instant",
             )
         return self

@@ -308,6 +308,7 @@ class Provisioning:
             agent=request.image.agent,
             emulator=self.ctx.emulator,
             extra_qemu_args=extra_args,
+            share_pages=request.share_memory,
         )
 
     def metadata_xml(self, record: DesktopRecord) -> str:

@@ -44,6 +44,7 @@ class DesktopRequest:
     inventory_path: str = ""
     # Instant clones: the method their children are made with on this host.
     instant: str = ""
+    share_memory: bool = True
 
     @property
     def fqdn(self) -> str:
