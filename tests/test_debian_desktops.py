@@ -55,7 +55,8 @@ def spoiled_image(debian_image, tmp_path):
         cmdline=boot.cmdline, source="test",
     )
     yield image
-    shutil.rmtree(image.directory, ignore_errors=True)
+    # The name's directory too: it holds only this one version.
+    shutil.rmtree(image.directory.parent, ignore_errors=True)
 
 
 @pytest.mark.slow

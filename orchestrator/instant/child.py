@@ -30,7 +30,7 @@ from orchestrator.state import metadata
 
 log = logging.getLogger(__name__)
 
-# Where restore's named pipes are made: a directory libvirtd on this machine can read.
+# Directory of restore's named pipes: libvirtd on this machine must be able to read it.
 FIFO_DIR = "/run/labctl"
 
 
@@ -100,7 +100,8 @@ class ChildProvisioning(Provisioning):
         return domain
 
     def _restore(self) -> libvirt.virDomain:
-        assert self.parent is not None and self.record is not None and self.identity
+        assert self.parent is not None
+        assert self.record is not None
         image = savefile.read_save_image(self.parent.state_file)
         spec = self.domain_spec(self.record, nic=False)
         xml = savefile.retarget_xml(

@@ -42,7 +42,7 @@ _BASE64 = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
 
 @dataclass(frozen=True)
 class Target:
-    """What ClonePrep gives a child, and what the parent had."""
+    """The identity ClonePrep gives a child, and the parent's cloud-init instance."""
 
     identity: DesktopIdentity
     parent_instance_id: str
@@ -65,7 +65,8 @@ class Pending:
 
 
 def profile_for(image_identity: str) -> str:
-    """The ClonePrep profile for an image whose ``identity`` is cloud-init or labctl-seed."""
+    """Return the ClonePrep profile for an image whose ``identity`` is cloud-init or
+    labctl-seed."""
     return "tiny" if image_identity == "labctl-seed" else "systemd"
 
 
@@ -133,9 +134,11 @@ def _steps(stdout: str) -> list[tuple[str, float]]:
 
 
 def _run_once(domain: libvirt.virDomain, commands: tuple[str, ...]) -> None:
-    """The pool's run_once commands, once per child: cloud-init ran them in the parent
-    for the parent's instance only. They are the operator's guest commands, run by the
-    guest's shell as cloud-init's runcmd would."""
+    """Run the pool's run_once commands once per child.
+
+    cloud-init ran them in the parent, for the parent's instance only. They are the
+    operator's guest commands, so the guest's shell runs them, as for cloud-init's runcmd.
+    """
     for command in commands:
         result = agent.run(domain, ["/bin/sh", "-c", command], timeout=SCRIPT_TIMEOUT)
         if result.exit_code != 0:

@@ -1,7 +1,7 @@
 """The NIC of an instant clone, hot-plugged after the fork with the child's own MAC.
 
 Parents have no NIC: a NIC's state travels in the migration stream, so a child of a
-parent with one would show the parent's MAC inside the guest whatever its XML says.
+parent with one would show the parent's MAC inside the guest whatever its XML contains.
 User-mode NICs are QEMU arguments libvirt does not know, so they are plugged through
 the monitor; NICs on libvirt networks and bridges through libvirt's device API.
 """

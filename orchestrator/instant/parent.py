@@ -4,7 +4,7 @@ One parent exists per instant pool and configuration (image version, method,
 hardware, users): its key hashes them, so a new image version gets a new parent and
 the old one goes once no child uses its disk. A parent has no NIC, so no child ever
 shows the parent's MAC. After the save it stays defined (shut off) only to carry its
-record; its disk is made read-only, because every child's overlay is backed by it.
+record. Its disk is made read-only, because every child's overlay is backed by it.
 
 Artifacts, all named after the key, so an interrupted build can be found and removed:
 domain ``labctl-parent-KEY``, volumes ``labctl-parent-KEY-os.qcow2`` and
@@ -95,7 +95,7 @@ def read_record(domain: libvirt.virDomain) -> ParentRecord | None:
 
 
 def parent_request(request: DesktopRequest, key: str) -> DesktopRequest:
-    """The parent's own request: the pool's image, hardware and users, no NIC."""
+    """Derive the parent's request from a child's: same image, hardware and users, no NIC."""
     return dataclasses.replace(
         request, name=parent_name(key), index=0, hostname=parent_name(key),
         network=NetworkSpec(name="", mode="none"), run_once=(),
@@ -164,7 +164,7 @@ class ParentBuild(Provisioning):
         return metadata.to_xml(self.parent, PARENT_NAMESPACE)
 
     def wait_ready(self) -> None:
-        """The guest agent, the parent's identity and cloud-init done; no NIC, so no SSH."""
+        """Wait for the agent, the parent's identity and cloud-init (no NIC, so no SSH)."""
         assert self.domain is not None and self.identity is not None
         expected = readiness.Expected(
             hostname=self.identity.hostname, machine_id=self.identity.machine_id,
