@@ -15,6 +15,7 @@ at ``count`` and at ``big`` desktops, and allocated disk bytes per desktop.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import secrets
@@ -36,12 +37,15 @@ from orchestrator.instant import fork, parent
 from orchestrator.inventory import load_inventory
 from orchestrator.inventory.model import DEFAULT_HOST
 from orchestrator.plan import Plan, make_plan, observed_desktops, open_inventory_host
+from orchestrator.provision.desktop import os_volume_name, seed_volume_name
 from orchestrator.provision.remove import destroy_inventory
 from orchestrator.provision.steps import EventSink
+from orchestrator.storage import pool as volumes
+
+log = logging.getLogger(__name__)
 
 # The pool keys of the bench inventory, which are also the clone methods compared.
 METHODS = ("linked", "restore", "fork")
-INSTANT_METHODS = ("restore", "fork")
 
 # The timings (seconds) whose sum is "request to ready". A child's "parent" timing is
 # left out: it is the wait for the parent VM, whose build is reported on its own.
@@ -87,7 +91,7 @@ class MemorySample:
 
 @dataclass
 class MethodFigures:
-    """What the bench measured for one clone method (one pool)."""
+    """Figures the bench measured for one clone method (one pool)."""
 
     method: str
     timings: dict[str, dict[str, float]] = field(default_factory=dict)  # by desktop
@@ -171,7 +175,7 @@ def _quotient(numerator: float, denominator: float) -> float:
 
 
 def ratios(result: InstantBenchResult) -> list[Ratio]:
-    """The three ratios of the report: two speed-ups and fork's share of cold memory."""
+    """Compute the report's three ratios: two speed-ups and fork's share of cold memory."""
     p50 = {method: percentile(result.methods[method].ready_seconds(), 0.5)
            for method in METHODS}
     cold_memory = result.methods["linked"].memory_at(result.big).total_bytes
@@ -224,7 +228,7 @@ def check_memory_for_growth(samples: Iterable[MemorySample], big: int, available
 
 
 def inventory_document(name: str, image: str, memory: str, size: int) -> dict:
-    """The bench inventory: the three pools of ``size`` desktops on one user network."""
+    """Build the bench inventory: three pools of ``size`` desktops on one user network."""
     pools = {
         "linked": {"clone": "linked", "naming": f"{name}-l{{n}}"},
         "restore": {"clone": "instant", "instant": {"method": "restore"},
@@ -296,7 +300,7 @@ def _disk_text(figures: MethodFigures) -> str:
 
 
 def to_json(result: InstantBenchResult) -> dict:
-    """The result as JSON data: the report's rows, the ratios and every measured figure."""
+    """Convert the result to JSON data: the report's rows, the ratios and every figure."""
     data = dataclasses.asdict(result)
     for method, figures in result.methods.items():
         data["methods"][method]["ready_seconds"] = figures.ready_seconds()
@@ -313,8 +317,8 @@ def to_json(result: InstantBenchResult) -> dict:
 def qemu_pss(domain_name: str) -> tuple[int, int]:
     """Return (PSS, PSS of shared memory) in bytes of a running domain's QEMU process.
 
-    PSS comes from /proc/PID/smaps_rollup; its shared-memory part (Pss_Shmem) is, for a
-    fork child, the share of the parent's RAM file in /dev/shm that the child maps.
+    Both come from /proc/PID/smaps_rollup. For a fork child, the shared-memory part
+    (Pss_Shmem) is its share of the parent's RAM file in /dev/shm.
     """
     pid_file = PID_DIR / f"{domain_name}.pid"
     try:
@@ -468,7 +472,9 @@ def run_instant_bench(image: str = "debian12", count: int = 8, big: int = 20,
         try:
             _measure_both_sizes(result, ctx, path, name, on_event)
         finally:
+            parents = [domain.name() for domain, _ in parent.inventory_parents(ctx.conn, name)]
             errors = destroy_inventory(ctx, name, on_event)
+            _remove_parent_volumes(ctx, parents)
             ctx.close()
             shutil.rmtree(access_key_path(name).parent, ignore_errors=True)
         if errors:
@@ -476,6 +482,19 @@ def run_instant_bench(image: str = "debian12", count: int = 8, big: int = 20,
     result.load_average = (load_start, os.getloadavg()[0])
     result.wall_seconds = time.monotonic() - started
     return result
+
+
+def _remove_parent_volumes(ctx: HostContext, names: list[str]) -> None:
+    """Delete the parents' OS disk and seed volumes if destroying the inventory left them.
+
+    NOTE: parent.remove_parent deletes ``labctl-parent-KEY-os.qcow2``, but a parent's
+    volumes are named like a desktop's, ``labctl-labctl-parent-KEY-os.qcow2``, so they
+    stay behind until remove_parent uses os_volume_name and seed_volume_name.
+    """
+    for name in names:
+        for volume in (os_volume_name(name), seed_volume_name(name)):
+            if volumes.delete(ctx.pool, volume):
+                log.info("removed leftover parent volume %s", volume)
 
 
 def _measure_both_sizes(result: InstantBenchResult, ctx: HostContext, path: Path,

@@ -1,6 +1,7 @@
 """The pure parts of labctl bench --instant: percentiles, ratios, targets, memory check.
 
-No libvirt: the results are built by hand with known figures.
+No libvirt: the results are built by hand with known figures, and the command-line
+checks fail before labctl connects to a host.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from conftest import run_labctl
 
 from orchestrator import bench_instant as bench
 from orchestrator.bench_instant import (
@@ -165,3 +167,16 @@ def test_summary_rows():
     data = bench.to_json(result)
     assert data["ratios"][2]["met"] is True, "JSON carries the verdicts"
     assert data["methods"]["fork"]["memory"][1]["total_bytes"] == 250 * MIB
+
+
+def test_cli_big_needs_instant():
+    result = run_labctl("bench", "--big", "3", timeout=60)
+    assert result.returncode == 1, f"--big without --instant is an error: {result.stderr}"
+    assert "--big applies only with --instant" in result.stderr
+
+
+def test_cli_instant_checks_count():
+    result = run_labctl("bench", "--instant", "--image", "tiny", "--count", "5", "--big", "2",
+                        timeout=60)
+    assert result.returncode == 1, f"--big below --count is an error: {result.stderr}"
+    assert "--big 2 is smaller than --count 5" in result.stderr

@@ -24,10 +24,9 @@ from orchestrator.apply import provision
 from orchestrator.guest import agent
 from orchestrator.hosts.context import HostSettings, open_host
 from orchestrator.identity import keys
-from orchestrator.instant import cloneprep, parent
+from orchestrator.instant import cloneprep, fork, parent
 from orchestrator.provision.request import DesktopRequest, NetworkSpec
 from orchestrator.provision.steps import StepFailed
-from orchestrator.state import metadata
 
 pytestmark = pytest.mark.libvirt
 
@@ -163,6 +162,20 @@ def test_parent_shut_off_with_frozen_disk(lab, conn):
             f"fork state is {entry['state_bytes']} bytes: x-ignore-shared did not apply")
 
 
+def test_children_outlive_parent_memory(lab, conn):
+    """The parent's QEMU is gone after its save; for fork, the RAM file is removed too."""
+    (entry,) = lab.status()["parents"]
+    assert not conn.lookupByName(entry["name"]).isActive()
+    if lab.method == "fork":
+        os.unlink(entry["ram_file"])
+    for name in lab.names:
+        domain = conn.lookupByName(name)
+        assert agent.check_output(domain, ["hostname"]).strip() == name
+        result = run_labctl("ssh", name, "--inventory", str(lab.path), "--", "cat",
+                            "/etc/machine-id", timeout=120)
+        assert result.returncode == 0, f"labctl ssh {name}: {describe(result)}"
+
+
 def test_child_cold_boot_without_parent_state(lab, conn):
     """A child is a linked clone of the parent's disk once it is defined: it boots cold."""
     name = lab.names[-1]
@@ -213,14 +226,17 @@ def child_request(name: str, image, method: str, **changes) -> DesktopRequest:
     return DesktopRequest(**values)
 
 
-def leftovers(conn: libvirt.virConnect, *names: str) -> list[str]:
-    found = [d.name() for d in conn.listAllDomains(0) if d.name() in names]
+def leftovers(conn: libvirt.virConnect, *parts: str) -> list[str]:
+    """Domains, volumes and RAM files whose names contain one of ``parts``."""
+    def ours(name: str) -> bool:
+        return any(part in name for part in parts)
+
+    found = [d.name() for d in conn.listAllDomains(0) if ours(d.name())]
     pool = conn.storagePoolLookupByName(TEST_POOL)
     pool.refresh(0)
-    found += [v.name() for v in pool.listAllVolumes(0)
-              if any(v.name().startswith(f"labctl-{n}") for n in names)]
-    found += [f for f in os.listdir("/dev/shm/labctl") if any(n in f for n in names)] \
-        if os.path.isdir("/dev/shm/labctl") else []
+    found += [v.name() for v in pool.listAllVolumes(0) if ours(v.name())]
+    if os.path.isdir(fork.RAM_DIR):
+        found += [f for f in os.listdir(fork.RAM_DIR) if ours(f)]
     return found
 
 
@@ -233,7 +249,7 @@ def test_parent_that_never_answers_leaves_nothing(test_host, tiny_image, method)
         provision(test_host, request, keys.generate_ed25519("t"), lambda *_: None)
     assert caught.value.step == "parent", f"failed at {caught.value.step}: {caught.value}"
     assert "guest agent" in str(caught.value), str(caught.value)
-    assert leftovers(test_host.conn, name, parent.parent_name(key)) == []
+    assert leftovers(test_host.conn, name, key) == []
 
 
 @pytest.mark.parametrize("method", ["restore", "fork"])
@@ -249,7 +265,7 @@ def test_failed_save_leaves_nothing(test_host, tiny_image, method, monkeypatch):
     with pytest.raises(StepFailed) as caught:
         provision(test_host, request, keys.generate_ed25519("t"), lambda *_: None)
     assert "No space left" in str(caught.value)
-    assert leftovers(test_host.conn, name, parent.parent_name(key)) == []
+    assert leftovers(test_host.conn, name, key) == []
 
 
 def test_child_failing_cloneprep_is_never_ready(test_host, tiny_image, monkeypatch):
@@ -274,5 +290,6 @@ def test_child_failing_cloneprep_is_never_ready(test_host, tiny_image, monkeypat
         assert not [e for e in events if e[0] == name and e[1] == "record"], events
         assert leftovers(test_host.conn, name) == []
     finally:
-        domain = test_host.conn.lookupByName(parent.parent_name(key))
-        parent.remove_parent(test_host, domain)
+        for domain, _record in parent.inventory_parents(test_host.conn, request.inventory):
+            parent.remove_parent(test_host, domain)
+    assert leftovers(test_host.conn, key) == [], "the parent was not removed"

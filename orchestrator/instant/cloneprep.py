@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 SCRIPT_TIMEOUT = 60.0
 # The largest clock difference that still counts as "stepped to the host's".
 CLOCK_TOLERANCE = 2.0
+# Above this difference after the script, the clock is stepped once more.
+CLOCK_RESTEP = 0.5
 CLOUD_DIR = "/var/lib/cloud"
 _PLAIN = re.compile(r"^[A-Za-z0-9.-]{1,253}$")
 _BASE64 = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
@@ -161,6 +163,11 @@ def verify(domain: libvirt.virDomain, target: Target) -> None:
     wrong = [f"{key} {seen[key]!r} (expected {wanted[key]!r})"
              for key in wanted if seen[key] != wanted[key]]
     offset = agent.clock_offset(domain)
+    if abs(offset) > CLOCK_RESTEP:
+        # The script set the time it was handed at its start; on a busy host the exec
+        # can start seconds later. guest-set-time applies the host's time on arrival.
+        agent.set_time(domain)
+        offset = agent.clock_offset(domain)
     if abs(offset) > CLOCK_TOLERANCE:
         wrong.append(f"clock {offset:+.1f} s from the host's")
     if wrong:

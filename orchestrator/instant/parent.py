@@ -6,11 +6,13 @@ the old one goes once no child uses its disk. A parent has no NIC, so no child e
 shows the parent's MAC. After the save it stays defined (shut off) only to carry its
 record. Its disk is made read-only, because every child's overlay is backed by it.
 
-Artifacts, all named after the key, so an interrupted build can be found and removed:
-domain ``labctl-parent-KEY``, volumes ``labctl-parent-KEY-os.qcow2`` and
-``-seed.iso``, the state file ``labctl-parent-KEY.save`` (restore: a libvirt save
-image) or ``.state`` (fork: device state only) in the storage pool, and for fork the
-RAM file ``fork.ram_path(KEY)``.
+Artifacts are named after the key and a build number (1, 2, ...), so an interrupted
+build can be found and removed: domain ``labctl-parent-KEY-N``, volumes
+``labctl-parent-KEY-N-os.qcow2`` and ``-seed.iso``, the state file
+``labctl-parent-KEY-N.save`` (restore: a libvirt save image) or ``.state`` (fork:
+device state only) in the storage pool, and for fork the RAM file
+``fork.ram_path(KEY-N)``. A parent whose state or RAM file is lost while children still
+use its disk is kept (their disks need it), and the next child gets a new build.
 """
 
 from __future__ import annotations
@@ -82,22 +84,28 @@ def parent_key(request: DesktopRequest, method: str, domain_type: str) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def parent_name(key: str) -> str:
-    return f"{PREFIX}{key}"
+def parent_name(key: str, build: int) -> str:
+    return f"{PREFIX}{key}-{build}"
 
 
-def state_file_name(key: str, method: str) -> str:
-    return f"{parent_name(key)}.{'state' if method == 'fork' else 'save'}"
+def state_file_name(name: str, method: str) -> str:
+    return f"{name}.{'state' if method == 'fork' else 'save'}"
+
+
+def parent_volume_names(name: str) -> tuple[str, str, str, str]:
+    """The parent's volumes: OS disk, seed, and the two possible state files."""
+    return (f"{name}-os.qcow2", f"{name}-seed.iso", state_file_name(name, "fork"),
+            state_file_name(name, "restore"))
 
 
 def read_record(domain: libvirt.virDomain) -> ParentRecord | None:
     return metadata.read(domain, ParentRecord, PARENT_NAMESPACE)
 
 
-def parent_request(request: DesktopRequest, key: str) -> DesktopRequest:
+def parent_request(request: DesktopRequest, name: str) -> DesktopRequest:
     """Derive the parent's request from a child's: same image, hardware and users, no NIC."""
     return dataclasses.replace(
-        request, name=parent_name(key), index=0, hostname=parent_name(key),
+        request, name=name, index=0, hostname=name,
         network=NetworkSpec(name="", mode="none"), run_once=(),
     )
 
@@ -134,6 +142,24 @@ class ParentBuild(Provisioning):
         metadata.write(self.domain, self.parent, PARENT_NAMESPACE)
         return self.parent
 
+    def os_volume(self) -> str:
+        return parent_volume_names(self.request.name)[0]
+
+    def seed_volume(self) -> str:
+        return parent_volume_names(self.request.name)[1]
+
+    @property
+    def ram_file(self) -> str:
+        return fork.ram_path(self.request.name.removeprefix(PREFIX))
+
+    def check_name(self) -> None:
+        """Also remove the state and RAM files an interrupted build of this name left."""
+        super().check_name()
+        for volume in parent_volume_names(self.request.name)[2:]:
+            volumes.delete(self.ctx.pool, volume)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.ram_file)
+
     def define(self) -> None:
         if self.method == "fork":
             fork.prepare_ram_dir()
@@ -142,13 +168,13 @@ class ParentBuild(Provisioning):
     def define_args(self) -> tuple[str, ...]:
         if self.method != "fork":
             return ()
-        return tuple(fork.parent_args(fork.ram_path(self.key), self.request.memory_bytes))
+        return tuple(fork.parent_args(self.ram_file, self.request.memory_bytes))
 
     def stop(self) -> None:
         super().stop()
         if self.method == "fork":
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(fork.ram_path(self.key))
+                os.unlink(self.ram_file)
 
     def metadata_xml(self, record: DesktopRecord) -> str:
         assert self.identity is not None
@@ -183,13 +209,13 @@ class ParentBuild(Provisioning):
         assert self.domain is not None and self.parent is not None
         started = time.monotonic()
         path = os.path.join(volumes.pool_path(self.ctx.pool),
-                            state_file_name(self.key, self.method))
+                            state_file_name(self.request.name, self.method))
         self.parent.state_file = path
         if self.method == "fork":
             self.domain.suspend()
             self.parent.state_bytes = fork.save_device_state(
                 self.domain, path, timeout=self.request.ready_timeout)
-            self.parent.ram_file = fork.ram_path(self.key)
+            self.parent.ram_file = self.ram_file
             self.domain.destroy()
         else:
             try:
@@ -225,21 +251,23 @@ def ensure_parent(ctx: HostContext, request: DesktopRequest, method: str,
                   access_key: keys.KeyPair, on_event: EventSink) -> ParentRecord:
     """Return the ready parent for ``request``'s pool, building it once if needed.
 
-    Children of one pool call this concurrently: the first builds under the parent's
-    lock, the others wait and reuse it.
+    Children of one pool call this concurrently: the first builds under the key's
+    lock, the others wait and reuse it. Unusable parents (an interrupted build, a lost
+    state file) are removed first unless children still use their disk.
     """
     key = parent_key(request, method, ctx.domain_type)
-    name = parent_name(key)
-    with locks.named_lock(f"parent:{ctx.settings.uri}:{name}"):
-        existing = _lookup(ctx, name)
-        if existing is not None:
-            record = read_record(existing)
-            if record is not None and record.state == "ready" and _files_present(record):
+    with locks.named_lock(f"parent:{ctx.settings.uri}:{key}"):
+        builds = [0]
+        for domain, record in inventory_parents(ctx.conn, request.inventory):
+            if record.key != key:
+                continue
+            if usable(record):
                 return record
-            log.info("%s: removing an unfinished or damaged parent", name)
-            remove_parent(ctx, existing)
+            builds.append(_build_number(domain.name()))
+            _remove_if_unused(ctx, domain, record, on_event)
+        name = parent_name(key, max(builds) + 1)
         on_event(name, "parent", f"building ({method})")
-        job = ParentBuild(ctx, parent_request(request, key), access_key, on_event,
+        job = ParentBuild(ctx, parent_request(request, name), access_key, on_event,
                           key=key, method=method)
         record = job.run_parent()
         on_event(name, "parent", f"ready in {record.build_seconds:.1f} s, state "
@@ -247,16 +275,15 @@ def ensure_parent(ctx: HostContext, request: DesktopRequest, method: str,
         return record
 
 
-def _lookup(ctx: HostContext, name: str) -> libvirt.virDomain | None:
-    try:
-        return ctx.conn.lookupByName(name)
-    except libvirt.libvirtError:
-        return None
-
-
-def _files_present(record: ParentRecord) -> bool:
+def usable(record: ParentRecord) -> bool:
+    """Whether children can be made from this parent: saved, with every file in place."""
     files = [record.disk, record.state_file] + ([record.ram_file] if record.ram_file else [])
-    return all(os.path.exists(path) for path in files)
+    return record.state == "ready" and all(os.path.exists(path) for path in files)
+
+
+def _build_number(name: str) -> int:
+    tail = name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
 
 
 def inventory_parents(conn: libvirt.virConnect,
@@ -291,8 +318,8 @@ def remove_parent(ctx: HostContext, domain: libvirt.virDomain) -> None:
                          | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
     if record is not None:
         remove_files(record)
-    for suffix in ("-os.qcow2", "-seed.iso", ".save", ".state"):
-        volumes.delete(ctx.pool, f"{name}{suffix}")
+    for volume in parent_volume_names(name):
+        volumes.delete(ctx.pool, volume)
     log.info("removed parent %s", name)
 
 
@@ -304,16 +331,28 @@ def parent_users(ctx: HostContext, record: ParentRecord, name: str) -> list[str]
 
 def remove_unused_parents(ctx: HostContext, inventory: str, keep: set[str],
                           on_event: EventSink) -> list[str]:
-    """Remove the inventory's parents not in ``keep`` (keys) that no child uses."""
+    """Remove the inventory's parents that no child uses, except usable ones in ``keep``.
+
+    ``keep`` holds the keys the inventory still needs; a parent of such a key that lost
+    its files goes too once unused, because the next child builds a new one anyway.
+    """
     removed = []
     for domain, record in inventory_parents(ctx.conn, inventory):
-        if record.key in keep:
+        if record.key in keep and usable(record):
             continue
-        name = domain.name()
-        with locks.named_lock(f"parent:{ctx.settings.uri}:{name}"):
-            if parent_users(ctx, record, name):
-                continue
-            remove_parent(ctx, domain)
-        on_event(name, "remove", "unused parent removed")
-        removed.append(name)
+        with locks.named_lock(f"parent:{ctx.settings.uri}:{record.key}"):
+            if _remove_if_unused(ctx, domain, record, on_event):
+                removed.append(record.key)
     return removed
+
+
+def _remove_if_unused(ctx: HostContext, domain: libvirt.virDomain, record: ParentRecord,
+                      on_event: EventSink) -> bool:
+    name = domain.name()
+    users = parent_users(ctx, record, name)
+    if users:
+        log.info("%s: kept, its disk backs %s", name, ", ".join(users))
+        return False
+    remove_parent(ctx, domain)
+    on_event(name, "remove", "unused parent removed")
+    return True

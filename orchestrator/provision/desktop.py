@@ -93,13 +93,19 @@ class Provisioning:
         assert self.record is not None
         return self.record
 
+    def os_volume(self) -> str:
+        return os_volume_name(self.request.name)
+
+    def seed_volume(self) -> str:
+        return seed_volume_name(self.request.name)
+
     # -- steps ---------------------------------------------------------------------
 
     def check_name(self) -> None:
         _refuse_existing_domain(self.ctx, self.request.name)
         # With no domain of that name, labctl-named volumes of this desktop are
         # leftovers of an interrupted run: adopt them by removing them.
-        for name in (os_volume_name(self.request.name), seed_volume_name(self.request.name)):
+        for name in (self.os_volume(), self.seed_volume()):
             if volumes.delete(self.ctx.pool, name):
                 log.info("%s: removed leftover volume %s", self.request.name, name)
 
@@ -151,7 +157,7 @@ class Provisioning:
 
     def _create_os_volume(self) -> None:
         assert self.replica is not None
-        name = os_volume_name(self.request.name)
+        name = self.os_volume()
         if self.backing_layers():
             volume = volumes.create_overlay(self.ctx.pool, name, self.backing_layers()[0],
                                             self.request.disk_size)
@@ -161,12 +167,12 @@ class Provisioning:
         self.os_disk = volume.path()
 
     def remove_os_disk(self) -> None:
-        volumes.delete(self.ctx.pool, os_volume_name(self.request.name))
+        volumes.delete(self.ctx.pool, self.os_volume())
 
     def create_seed(self) -> None:
         started = time.monotonic()
         assert self.identity is not None
-        name = seed_volume_name(self.request.name)
+        name = self.seed_volume()
         data = build_seed(self.identity).to_iso()
         seed = volumes.upload_bytes(self.ctx.pool, name, data, mode="0600")
         self.seed = seed.path()
@@ -175,7 +181,7 @@ class Provisioning:
         self.timings["disk_bytes"] = float(os_disk.info()[2] + seed.info()[2])
 
     def remove_seed(self) -> None:
-        volumes.delete(self.ctx.pool, seed_volume_name(self.request.name))
+        volumes.delete(self.ctx.pool, self.seed_volume())
 
     def define(self) -> None:
         started = time.monotonic()
