@@ -399,3 +399,35 @@ def test_destroy_two_inventories(lab, conn, tiny_image):
         storage = conn.storagePoolLookupByName(TEST_POOL)
         users = replica.replica_users(conn, storage, replica_path(tiny_image.version))
         assert users, "destroy kept the replica although no domain or volume uses it"
+
+
+# Refresh: a new OS disk from the replica under the same name, UUID and MAC.
+
+
+@pytest.mark.parametrize("clone", ["linked", "full"])
+def test_refresh_keeps_identity_new_disk(lab, clone):
+    prefix = unique_name("h")
+    path = lab({"pool": pool(prefix, 1, clone=clone)}, name=unique_name("t"))
+    apply_ok(path)
+    name = f"{prefix}1"
+    before = status_desktops(path)[name]
+    written = guest_output(path, name, "touch /data/refresh-marker && sync")
+    assert written.returncode == 0, describe_run(written)
+    present = guest_output(path, name, "test", "-e", "/data/refresh-marker")
+    assert present.returncode == 0, f"the marker was not written: {describe_run(present)}"
+    result = run_labctl("refresh", str(path), name, timeout=APPLY_TIMEOUT)
+    assert result.returncode == 0, describe_run(result)
+    after = status_desktops(path)[name]
+    for key in ("uuid", "mac", "machine_id", "hostname"):
+        assert after[key] == before[key], f"{key} changed: {before[key]} -> {after[key]}"
+    assert after["generation"] == before["generation"] + 1
+    assert after["ssh"]["port"] == before["ssh"]["port"]
+    marker = guest_output(path, name, "test", "-e", "/data/refresh-marker")
+    assert marker.returncode != 0, "the refreshed desktop still has the file written before"
+
+
+def test_refresh_unknown_desktop_fails(lab):
+    path = lab({"pool": pool(unique_name("u"), 1)}, name=unique_name("t"))
+    result = run_labctl("refresh", str(path), "nosuchdesk", timeout=APPLY_TIMEOUT)
+    assert result.returncode == 1, describe_run(result)
+    assert "desktop nosuchdesk does not exist in inventory" in result.stderr, result.stderr
