@@ -25,6 +25,8 @@ from orchestrator.provision.hardware import update_hardware
 from orchestrator.provision.remove import remove_desktop
 from orchestrator.provision.steps import EventSink
 from orchestrator.instant import parent
+from orchestrator.state import metadata
+from orchestrator.state.metadata import DesktopRecord
 from orchestrator.storage import replica
 
 log = logging.getLogger(__name__)
@@ -42,11 +44,12 @@ class ApplyResult:
 
 def apply_plan(plan: Plan, on_event: EventSink, *, replace: bool = False) -> ApplyResult:
     result = ApplyResult()
-    access_key = keys.access_key(plan.inventory.name)
+    access_key = keys.access_key(plan.inventory.name, create=not _has_desktops(plan))
     for ctx in plan.hosts.values():
-        if ctx.settings.ksm:
-            facts.set_ksm(ctx.settings.ksm == "on")
-            on_event(ctx.settings.name, "ksm", f"kernel same-page merging {ctx.settings.ksm}")
+        if ctx.settings.ksm is not None:
+            facts.set_ksm(ctx.settings.ksm)
+            on_event(ctx.settings.name, "ksm",
+                     f"kernel same-page merging {'on' if ctx.settings.ksm else 'off'}")
     for action in plan.of_kind("delete"):
         _run(result, action, lambda a=action: _delete(plan, a, on_event), result.deleted)
     work = plan.of_kind("create", "update", "replace", "start")
@@ -74,6 +77,10 @@ def apply_plan(plan: Plan, on_event: EventSink, *, replace: bool = False) -> App
         if pool is not None:
             replica.remove_unused(pool)
     return result
+
+
+def _has_desktops(plan: Plan) -> bool:
+    return any(action.record is not None for action in plan.actions)
 
 
 def _collect(futures: dict, result: ApplyResult) -> None:
@@ -127,13 +134,47 @@ def _converge(plan: Plan, action: Action, access_key: keys.KeyPair,
         _start(ctx, action.desktop, on_event)
         return {}
     if action.kind in ("replace", "outdated"):
-        try:
-            domain = ctx.conn.lookupByName(action.desktop)
-        except libvirt.libvirtError:
-            domain = None
-        if domain is not None:
-            remove_desktop(ctx, domain, plan.inventory.name, on_event)
+        return recreate_desktop(ctx, plan.inventory.name, action.request, access_key, on_event)
     return provision(ctx, action.request, access_key, on_event)
+
+
+def recreate_desktop(ctx: HostContext, inventory: str, request: DesktopRequest,
+              access_key: keys.KeyPair, on_event: EventSink) -> dict[str, float]:
+    """Remove a desktop and provision it again under the same name, UUID and MAC.
+
+    An instant clone's parent is made ready first, so the old desktop keeps running
+    while a new parent boots. If the new desktop fails or labctl is interrupted, the
+    old definition comes back marked "failed": its identity is not lost, and the next
+    apply re-creates it.
+    """
+    try:
+        domain = ctx.conn.lookupByName(request.name)
+    except libvirt.libvirtError:
+        return provision(ctx, request, access_key, on_event)
+    record = metadata.read(domain)
+    if record is None:
+        return provision(ctx, request, access_key, on_event)  # check_name will refuse it
+    if request.clone == "instant":
+        parent.ensure_parent(ctx, request, request.instant, access_key, on_event)
+    kept = KeptIdentity.of(domain, record)
+    definition = domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    remove_desktop(ctx, domain, inventory, on_event)
+    try:
+        return provision(ctx, request, access_key, on_event, kept=kept)
+    except BaseException:
+        _define_failed(ctx, definition, record)
+        raise
+
+
+def _define_failed(ctx: HostContext, definition: str, record: DesktopRecord) -> None:
+    """Define a desktop's old domain again, shut off and recorded as failed."""
+    try:
+        domain = ctx.conn.defineXML(definition)
+        record.state = "failed"
+        metadata.write(domain, record)
+    except libvirt.libvirtError as exc:
+        log.error("%s: could not keep its identity after a failed re-creation: %s",
+                  ctx.settings.name, exc.get_error_message())
 
 
 def provision(ctx: HostContext, request: DesktopRequest, access_key: keys.KeyPair,
@@ -157,7 +198,7 @@ def refresh_desktops(plan: Plan, names: list[str], on_event: EventSink) -> Apply
     the clean disk as a new instance of the same desktop.
     """
     result = ApplyResult()
-    access_key = keys.access_key(plan.inventory.name)
+    access_key = keys.access_key(plan.inventory.name, create=False)
     by_name = {action.desktop: action for action in plan.actions}
     for name in names:
         action = by_name.get(name)
@@ -173,9 +214,6 @@ def refresh_desktops(plan: Plan, names: list[str], on_event: EventSink) -> Apply
 
 def _refresh(plan: Plan, action: Action, access_key: keys.KeyPair,
              on_event: EventSink) -> None:
-    ctx = plan.hosts[action.host]
-    assert action.request is not None and action.record is not None
-    domain = ctx.conn.lookupByName(action.desktop)
-    kept = KeptIdentity.of(domain, action.record)
-    remove_desktop(ctx, domain, plan.inventory.name, on_event)
-    provision(ctx, action.request, access_key, on_event, kept=kept)
+    assert action.request is not None
+    recreate_desktop(plan.hosts[action.host], plan.inventory.name, action.request, access_key,
+              on_event)

@@ -372,6 +372,10 @@ def measure_memory(ctx: HostContext, inventory: str) -> dict[str, MemorySample]:
     for _domain, record in parent.inventory_parents(ctx.conn, inventory):
         if record.pool == "fork":
             samples["fork"].ram_file_bytes = allocated_bytes(record.ram_file)
+    for method, sample in samples.items():
+        log.info("pool %s: %d desktops take %d MiB (PSS %d MiB, RAM file %d MiB)", method,
+                 sample.desktops, sample.total_bytes >> 20, sample.pss_bytes >> 20,
+                 sample.ram_file_bytes >> 20)
     return samples
 
 

@@ -145,17 +145,30 @@ def desktop_requests(inventory: Inventory, images: dict[str, ImageVersion | None
     return requests
 
 
+def check_local_only(inventory: Inventory) -> None:
+    """Reject, before connecting anywhere, what works only on this machine's libvirtd:
+    instant clones (their save images, RAM files and pipes are local files) and ksm."""
+    for pool_key, pool in inventory.pools.items():
+        uri = inventory.hosts[pool.host].uri
+        if pool.clone == "instant" and not is_local(uri):
+            raise InventoryError(
+                f"instant clones need the libvirt host to be this machine, but pool "
+                f"{pool_key} is on {uri}", where=inventory.where(("pools", pool_key, "clone")),
+                fix="run labctl on that host, or use clone: linked for remote hosts",
+            )
+    for key, host in inventory.hosts.items():
+        if host.ksm is not None and not is_local(host.uri):
+            raise InventoryError(
+                f"ksm: applies only to the local host, but host {key} is {host.uri}",
+                where=inventory.where(("hosts", key, "ksm")),
+                fix="remove ksm: here and set KSM on that host itself",
+            )
+
+
 def _instant_method(inventory: Inventory, pool_key: str, ctx: HostContext) -> str:
-    """The method the pool's children are made with on its host; fork falls back to
-    restore (with a warning) where it cannot run. Both need the host's files locally."""
+    """Return the method the pool's children are made with on its host: fork falls back
+    to restore (with a warning) where it cannot run."""
     pool = inventory.pools[pool_key]
-    if not is_local(ctx.settings.uri):
-        raise InventoryError(
-            f"instant clones need the libvirt host to be this machine, but pool {pool_key} "
-            f"is on {ctx.settings.uri}",
-            where=inventory.where(("pools", pool_key, "clone")),
-            fix="run labctl on that host, or use clone: linked for remote hosts",
-        )
     assert pool.instant is not None
     method = pool.instant.method
     reason = fork.unavailable_reason(ctx.conn) if method == "fork" else None
@@ -193,6 +206,7 @@ def make_plan(inventory: Inventory, *, build_images: bool = False,
               progress: recipes.Progress | None = None) -> Plan:
     """Connect to the inventory's hosts and compute the actions that converge them."""
     used_hosts = sorted({pool.host for pool in inventory.pools.values()})
+    check_local_only(inventory)
     hosts: dict[str, HostContext] = {}
     try:
         for key in used_hosts:
@@ -221,9 +235,9 @@ def open_inventory_host(inventory: Inventory, key: str) -> HostContext:
 
 
 def _check_host(inventory: Inventory, ctx: HostContext, requests: list[DesktopRequest]) -> None:
-    if ctx.settings.ksm and not (is_local(ctx.settings.uri) and facts.ksm_writable()):
+    if ctx.settings.ksm is not None and not facts.ksm_writable():
         raise InventoryError(
-            f"ksm: {ctx.settings.ksm} needs a local host with a writable "
+            f"ksm: {str(ctx.settings.ksm).lower()} needs a local host with a writable "
             f"{facts.KSM_DIR}/run, and host {ctx.settings.name} is not one",
             where=inventory.where(("hosts", ctx.settings.name, "ksm")),
             fix="remove ksm: for this host, or run labctl as root on the host itself",

@@ -20,13 +20,15 @@ import pytest
 import yaml
 from conftest import TEST_POOL, TEST_POOL_PATH, URI, run_labctl, unique_name
 
-from orchestrator.apply import provision
+from orchestrator.apply import provision, recreate_desktop
 from orchestrator.guest import agent
 from orchestrator.hosts.context import HostSettings, open_host
 from orchestrator.identity import keys
 from orchestrator.instant import cloneprep, fork, parent
 from orchestrator.provision.request import DesktopRequest, NetworkSpec
+from orchestrator.provision.remove import remove_desktop
 from orchestrator.provision.steps import StepFailed
+from orchestrator.state import metadata
 
 pytestmark = pytest.mark.libvirt
 
@@ -293,3 +295,40 @@ def test_child_failing_cloneprep_is_never_ready(test_host, tiny_image, monkeypat
         for domain, _record in parent.inventory_parents(test_host.conn, request.inventory):
             parent.remove_parent(test_host, domain)
     assert leftovers(test_host.conn, key) == [], "the parent was not removed"
+
+
+def test_failed_refresh_keeps_identity(test_host, tiny_image, monkeypatch):
+    """A re-creation that fails leaves the desktop defined as failed, same UUID and MAC;
+    the next one brings it back under that identity."""
+    name = unique_name("k")
+    request = child_request(name, tiny_image, "restore")
+    access = keys.generate_ed25519("t")
+    arguments = cloneprep.arguments
+
+    def wrong_machine_id(target, epoch):
+        argv = arguments(target, epoch)
+        return [("0" * 32 if value == target.identity.machine_id else value) for value in argv]
+
+    def identity() -> tuple[str, str, str]:
+        domain = test_host.conn.lookupByName(name)
+        record = metadata.read(domain)
+        assert record is not None
+        return domain.UUIDString(), record.mac, record.state
+
+    try:
+        provision(test_host, request, access, lambda *_: None)
+        uuid, mac, state = identity()
+        assert state == "ready"
+        monkeypatch.setattr(cloneprep, "arguments", wrong_machine_id)
+        with pytest.raises(StepFailed):
+            recreate_desktop(test_host, request.inventory, request, access, lambda *_: None)
+        assert identity() == (uuid, mac, "failed"), "the failed refresh lost the identity"
+        monkeypatch.setattr(cloneprep, "arguments", arguments)
+        recreate_desktop(test_host, request.inventory, request, access, lambda *_: None)
+        assert identity() == (uuid, mac, "ready")
+    finally:
+        for domain in test_host.conn.listAllDomains(0):
+            if domain.name() == name:
+                remove_desktop(test_host, domain, request.inventory, lambda *_: None)
+        for domain, _record in parent.inventory_parents(test_host.conn, request.inventory):
+            parent.remove_parent(test_host, domain)

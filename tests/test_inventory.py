@@ -1133,3 +1133,29 @@ def test_fork_refuses_unshared_memory(tmp_path):
         load_inventory(path)
     assert "share_memory: false" in caught.value.message, caught.value.message
     assert "method: restore" in (caught.value.fix or ""), caught.value.fix
+
+
+@pytest.mark.parametrize(("host", "pool", "line", "message"), [
+    ("{uri: 'qemu+ssh://nobody@127.0.0.1/system'}",
+     "{image: tiny, clone: instant, size: 1, naming: 'r{n}', host: far}", 6,
+     "instant clones need the libvirt host to be this machine"),
+    ("{uri: 'qemu+ssh://nobody@127.0.0.1/system', ksm: true}",
+     "{image: tiny, clone: linked, size: 1, naming: 'r{n}', host: far}", 3,
+     "ksm: applies only to the local host"),
+])
+def test_local_only_rejected_before_connecting(tmp_path, monkeypatch, host, pool, line, message):
+    """Rejected from the inventory alone: no connection to the remote URI is opened."""
+    from orchestrator import plan
+
+    path = tmp_path / "remote.yaml"
+    path.write_text(f"name: remote\nhosts:\n  far: {host}\nimages: {{tiny: {{build: tiny}}}}\n"
+                    f"pools:\n  kids: {pool}\n")
+
+    def no_connection(*_args, **_kwargs):
+        raise AssertionError("make_plan connected to the remote host")
+
+    monkeypatch.setattr(plan, "open_inventory_host", no_connection)
+    with pytest.raises(InventoryError) as caught:
+        plan.make_plan(load_inventory(path))
+    assert message in caught.value.message, caught.value.message
+    assert caught.value.where == f"{path}:{line}"

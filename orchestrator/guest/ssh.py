@@ -43,11 +43,18 @@ def connect(address: str, port: int, user: str, private_key: str, host_key: str,
     return client
 
 
+# Consecutive rejected logins after which the access key counts as wrong.
+AUTH_ATTEMPTS = 5
+# Seconds between connection attempts while sshd is not up yet.
+RETRY_SECONDS = 0.25
+
+
 def wait_for_login(address: str, port: int, user: str, private_key: str, host_key: str,
                    *, timeout: float, name: str) -> float:
     """Wait until SSH login works and ``id -un`` prints ``user``; return seconds waited."""
     start = time.monotonic()
     last_error = "no answer yet"
+    rejected = 0
     while time.monotonic() - start < timeout:
         try:
             client = connect(address, port, user, private_key, host_key, timeout=10)
@@ -57,9 +64,24 @@ def wait_for_login(address: str, port: int, user: str, private_key: str, host_ke
                 f"{exc.key.get_base64()[:16]}..., expected labctl's key for this desktop",
                 where=name, fix="the guest did not apply its identity; re-create it",
             ) from exc
-        except (paramiko.SSHException, OSError, EOFError, socket.timeout) as exc:
+        except paramiko.AuthenticationException as exc:
+            # Callers log in only once the guest has created its users, so a key that
+            # keeps being rejected will not start working later.
+            rejected += 1
+            if rejected >= AUTH_ATTEMPTS:
+                raise GuestError(
+                    f"SSH login as {user} on {address}:{port} was rejected {rejected} times: "
+                    f"{exc}", where=name,
+                    fix="the guest does not accept the inventory's access key; check "
+                    "that the key under ~/.local/share/labctl/state/keys/ is the one the "
+                    "desktop was made with",
+                ) from exc
             last_error = f"{type(exc).__name__}: {exc}"
             cancel.sleep(1)
+            continue
+        except (paramiko.SSHException, OSError, EOFError, socket.timeout) as exc:
+            last_error = f"{type(exc).__name__}: {exc}"
+            cancel.sleep(RETRY_SECONDS)
             continue
         try:
             _stdin, stdout, _stderr = client.exec_command("id -un", timeout=10)

@@ -28,7 +28,7 @@ class HostSettings:
     storage_pool: str = "labctl"
     storage_path: str = "/var/lib/labctl/pool"
     max_parallel: int = 2
-    ksm: str | None = None  # "on", "off" or None (leave the host's setting)
+    ksm: bool | None = None  # turn KSM on or off at apply; None leaves it as it is
 
 
 @dataclass

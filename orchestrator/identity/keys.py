@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from orchestrator import paths
+from orchestrator.errors import LabctlError
 
 
 @dataclass(frozen=True)
@@ -46,12 +47,23 @@ def access_key_path(inventory: str) -> Path:
     return paths.state_dir() / "keys" / inventory / "id_ed25519"
 
 
-def access_key(inventory: str) -> KeyPair:
-    """Return the inventory's SSH access key, creating it (mode 0600) on first use."""
+def access_key(inventory: str, *, create: bool = True) -> KeyPair:
+    """Return the inventory's SSH access key, creating it (mode 0600) on first use.
+
+    ``create=False`` is for inventories that already have desktops: a new key would
+    lock labctl out of them, so a missing key is an error.
+    """
     private_path = access_key_path(inventory)
     public_path = private_path.with_suffix(".pub")
     if private_path.exists() and public_path.exists():
         return KeyPair(private=private_path.read_text(), public=public_path.read_text().strip())
+    if not create:
+        raise LabctlError(
+            f"the SSH access key of inventory {inventory} is missing, but its desktops "
+            "were made with it", where=str(private_path),
+            fix="restore the key (and its .pub) from a backup, or run labctl destroy and "
+            "apply again",
+        )
     paths.ensure_private_dir(private_path.parent)
     pair = generate_ed25519(f"labctl-{inventory}")
     paths.write_private_file(private_path, pair.private.encode())

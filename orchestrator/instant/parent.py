@@ -185,6 +185,8 @@ class ParentBuild(Provisioning):
             image=self.request.image.ref, method=self.method, host=self.request.host,
             disk=self.os_disk, seed=self.seed, memory_bytes=self.request.memory_bytes,
             instance_id=self.identity.instance_id,
+            # Recorded before the start, so a killed build's RAM file is found and removed.
+            ram_file=self.ram_file if self.method == "fork" else "",
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
         return metadata.to_xml(self.parent, PARENT_NAMESPACE)
@@ -271,7 +273,7 @@ def ensure_parent(ctx: HostContext, request: DesktopRequest, method: str,
                           key=key, method=method)
         record = job.run_parent()
         on_event(name, "parent", f"ready in {record.build_seconds:.1f} s, state "
-                 f"{record.state_bytes / 1e6:.1f} MB")
+                 f"{record.state_bytes / 2**20:.1f} MiB")
         return record
 
 
@@ -318,9 +320,23 @@ def remove_parent(ctx: HostContext, domain: libvirt.virDomain) -> None:
                          | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
     if record is not None:
         remove_files(record)
+        # By recorded path too: parents of older labctl versions had other volume names.
+        for path in (record.disk, record.seed):
+            _delete_volume_at(ctx, path)
     for volume in parent_volume_names(name):
         volumes.delete(ctx.pool, volume)
     log.info("removed parent %s", name)
+
+
+def _delete_volume_at(ctx: HostContext, path: str) -> None:
+    if not path or not os.path.basename(path).startswith(("labctl-parent-",
+                                                           "labctl-labctl-parent-")):
+        return
+    try:
+        volume = ctx.conn.storageVolLookupByPath(path)
+    except libvirt.libvirtError:
+        return
+    volumes.delete(volume.storagePoolLookupByVolume(), volume.name())
 
 
 def parent_users(ctx: HostContext, record: ParentRecord, name: str) -> list[str]:

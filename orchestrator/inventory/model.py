@@ -73,9 +73,9 @@ class Host(StrictModel):
     max_parallel: Annotated[int, Field(ge=1, le=64)] = Field(
         2, description="Desktops provisioned at once on this host."
     )
-    ksm: Literal["on", "off"] | None = Field(
-        None, description="Turn the host's kernel same-page merging on or off at apply "
-        "(host-wide; local hosts only). Unset: leave it as it is.",
+    ksm: bool | None = Field(
+        None, description="true/false: turn the host's kernel same-page merging on/off at "
+        "apply (host-wide; local hosts only). Unset: leave it as it is.",
     )
 
 
