@@ -198,15 +198,19 @@ def refresh_desktops(plan: Plan, names: list[str], on_event: EventSink) -> Apply
     the clean disk as a new instance of the same desktop.
     """
     result = ApplyResult()
-    access_key = keys.access_key(plan.inventory.name, create=False)
     by_name = {action.desktop: action for action in plan.actions}
+    found = []
     for name in names:
         action = by_name.get(name)
         if action is None or action.record is None or action.request is None:
             result.failed[name] = LabctlError(
                 f"desktop {name} does not exist in inventory {plan.inventory.name}",
                 fix="labctl status lists the desktops; labctl apply creates missing ones")
-            continue
+        else:
+            found.append(action)
+    if found:
+        access_key = keys.access_key(plan.inventory.name, create=False)
+    for action in found:
         _run(result, action, lambda a=action: _refresh(plan, a, access_key, on_event),
              result.updated)
     return result

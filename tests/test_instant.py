@@ -130,7 +130,8 @@ def test_children_ready_with_distinct_identities(lab, conn):
         assert abs(offset) <= 2.0, f"{name}: guest clock is {offset:+.1f} s off the host's"
     parents = lab.status()["parents"]
     assert len(parents) == 1, f"expected one parent, status lists {parents}"
-    assert parents[0]["method"] == lab.method and parents[0]["state"] == "ready", parents
+    assert parents[0]["method"] == lab.method, parents
+    assert parents[0]["state"] == "ready", parents
     parent_domain = conn.lookupByName(parents[0]["name"])
     record = parent.read_record(parent_domain)
     assert record is not None
@@ -157,7 +158,8 @@ def test_parent_shut_off_with_frozen_disk(lab, conn):
     record = parent.read_record(domain)
     assert record is not None
     assert os.stat(record.disk).st_mode & 0o777 == 0o444, "parent disk is not read-only"
-    assert entry["state_bytes"] > 0 and os.path.exists(record.state_file)
+    assert entry["state_bytes"] > 0, entry
+    assert os.path.exists(record.state_file), f"state file {record.state_file} is missing"
     if lab.method == "fork":
         assert entry["ram_bytes"] > 0, "fork parent has no RAM file"
         assert entry["state_bytes"] < 16 << 20, (
@@ -200,7 +202,8 @@ def test_refresh_keeps_name_and_mac_and_cleans_disk(lab, conn):
     result = run_labctl("refresh", str(lab.path), name, timeout=APPLY_TIMEOUT)
     assert result.returncode == 0, describe(result)
     after = lab.desktops()[name]
-    assert after["mac"] == before["mac"] and after["uuid"] == before["uuid"]
+    assert after["mac"] == before["mac"]
+    assert after["uuid"] == before["uuid"]
     assert after["generation"] == before["generation"] + 1
     domain = conn.lookupByName(name)
     marker = agent.run(domain, ["test", "-e", "/data/refresh-marker"])

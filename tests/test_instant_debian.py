@@ -33,12 +33,14 @@ def test_debian_instant_children(make_inventory):
         for method in ("fork", "restore")
     }
     path = make_inventory(pools, images={"debian12": {"build": "debian12"}})
+
     result = run_labctl("apply", str(path), timeout=APPLY_TIMEOUT)
     assert result.returncode == 0, describe(result)
     status = json.loads(run_labctl("status", str(path), "-o", "json", check=True).stdout)
     desktops = {d["name"]: d for pool in status["pools"] for d in pool["desktops"]}
     assert len(desktops) == 4, f"expected 4 children, status lists {sorted(desktops)}"
     assert {p["method"] for p in status["parents"]} == {"fork", "restore"}, status["parents"]
+
     seen: dict[str, list[str]] = {"mac": [], "machine_id": [], "host_key": []}
     for name, desktop in sorted(desktops.items()):
         probe = ("hostname; cat /etc/machine-id /sys/class/net/eth0/address "
@@ -59,5 +61,6 @@ def test_debian_instant_children(make_inventory):
         seen["mac"].append(mac)
         seen["machine_id"].append(machine_id)
         seen["host_key"].append(host_key)
+
     for key, values in seen.items():
         assert len(set(values)) == len(values), f"{key} repeats across children: {values}"

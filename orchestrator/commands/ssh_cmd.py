@@ -15,7 +15,9 @@ from orchestrator.guest.ssh import known_hosts_name
 from orchestrator.hosts.connection import DEFAULT_URI, connection
 from orchestrator.identity import keys
 from orchestrator.inventory import load_inventory
+from orchestrator.instant.parent import ParentRecord
 from orchestrator.state import metadata
+from orchestrator.state.metadata import PARENT_NAMESPACE
 
 
 def register(commands, add_output) -> None:
@@ -49,6 +51,11 @@ def open_shell(args: argparse.Namespace) -> int:
             raise HostError(f"no desktop named {args.desktop}", where=uri,
                             fix="list them with 'labctl status INVENTORY'") from exc
         record = metadata.read(domain)
+        is_parent = metadata.read(domain, ParentRecord, PARENT_NAMESPACE) is not None
+    if record is None and is_parent:
+        raise ConflictError(f"{args.desktop} is the parent VM of an instant pool; it has no "
+                            "NIC and stays shut off", where=uri,
+                            fix="log in to one of its children (labctl status INVENTORY)")
     if record is None:
         raise ConflictError(f"domain {args.desktop} was not created by labctl", where=uri)
     if not record.ssh_port:

@@ -6,8 +6,8 @@ the old one goes once no child uses its disk. A parent has no NIC, so no child e
 shows the parent's MAC. After the save it stays defined (shut off) only to carry its
 record. Its disk is made read-only, because every child's overlay is backed by it.
 
-Artifacts are named after the key and a build number (1, 2, ...), so an interrupted
-build can be found and removed: domain ``labctl-parent-KEY-N``, volumes
+Artifacts are named after the key and a build number (1, 2, ...). So an interrupted
+build can be found and removed. They are: domain ``labctl-parent-KEY-N``, volumes
 ``labctl-parent-KEY-N-os.qcow2`` and ``-seed.iso``, the state file
 ``labctl-parent-KEY-N.save`` (restore: a libvirt save image) or ``.state`` (fork:
 device state only) in the storage pool, and for fork the RAM file
@@ -93,7 +93,7 @@ def state_file_name(name: str, method: str) -> str:
 
 
 def parent_volume_names(name: str) -> tuple[str, str, str, str]:
-    """The parent's volumes: OS disk, seed, and the two possible state files."""
+    """Return the parent's volume names: OS disk, seed, and the two possible state files."""
     return (f"{name}-os.qcow2", f"{name}-seed.iso", state_file_name(name, "fork"),
             state_file_name(name, "restore"))
 
@@ -278,7 +278,7 @@ def ensure_parent(ctx: HostContext, request: DesktopRequest, method: str,
 
 
 def usable(record: ParentRecord) -> bool:
-    """Whether children can be made from this parent: saved, with every file in place."""
+    """Return whether children can be made from this parent: saved, every file in place."""
     files = [record.disk, record.state_file] + ([record.ram_file] if record.ram_file else [])
     return record.state == "ready" and all(os.path.exists(path) for path in files)
 
@@ -349,7 +349,7 @@ def remove_unused_parents(ctx: HostContext, inventory: str, keep: set[str],
                           on_event: EventSink) -> list[str]:
     """Remove the inventory's parents that no child uses, except usable ones in ``keep``.
 
-    ``keep`` holds the keys the inventory still needs; a parent of such a key that lost
+    ``keep`` contains the keys the inventory still needs; a parent of such a key that lost
     its files goes too once unused, because the next child builds a new one anyway.
     """
     removed = []
