@@ -20,7 +20,7 @@ from orchestrator.identity.desktop import UserAccount
 from orchestrator.images import catalog, recipes
 from orchestrator.images.catalog import ImageVersion
 from orchestrator.inventory import Inventory, expand_names
-from orchestrator.instant import fork
+from orchestrator.instant import fork, parent
 from orchestrator.inventory.naming import expand_hostname
 from orchestrator.provision.request import DesktopRequest, NetworkSpec
 from orchestrator.state import metadata
@@ -52,6 +52,8 @@ class Plan:
     hosts: dict[str, HostContext]
     actions: list[Action] = field(default_factory=list)
     images_to_build: list[str] = field(default_factory=list)
+    # Instant pools whose parent VM apply has to build first: pool -> method.
+    parents_to_build: dict[str, str] = field(default_factory=dict)
 
     def of_kind(self, *kinds: str) -> list[Action]:
         return [action for action in self.actions if action.kind in kinds]
@@ -218,6 +220,7 @@ def make_plan(inventory: Inventory, *, build_images: bool = False,
         for key, ctx in hosts.items():
             _check_host(inventory, ctx, [r for r in requests if r.host == key])
             _diff(plan, ctx, [r for r in requests if r.host == key])
+            _parents_to_build(plan, ctx, [r for r in requests if r.host == key])
         return plan
     except BaseException:
         for ctx in hosts.values():
@@ -306,6 +309,17 @@ def _diff(plan: Plan, ctx: HostContext, requests: list[DesktopRequest]) -> None:
         if name not in wanted:
             plan.actions.append(Action("delete", name, record.pool, ctx.settings.name,
                                        "not in the inventory", record=record))
+
+
+def _parents_to_build(plan: Plan, ctx: HostContext, requests: list[DesktopRequest]) -> None:
+    """Note the instant pools that have no usable parent VM for their configuration."""
+    ready = {record.key for _domain, record in
+             parent.inventory_parents(ctx.conn, plan.inventory.name) if parent.usable(record)}
+    for request in requests:
+        if request.clone != "instant" or request.image.version == "unbuilt":
+            continue
+        if parent.parent_key(request, request.instant, ctx.domain_type) not in ready:
+            plan.parents_to_build[request.pool] = request.instant
 
 
 def _check_same_file(inventory: Inventory, observed: dict) -> None:

@@ -335,3 +335,12 @@ def test_failed_refresh_keeps_identity(test_host, tiny_image, monkeypatch):
                 remove_desktop(test_host, domain, request.inventory, lambda *_: None)
         for domain, _record in parent.inventory_parents(test_host.conn, request.inventory):
             parent.remove_parent(test_host, domain)
+
+
+def test_plan_after_apply_builds_nothing(lab):
+    result = run_labctl("plan", str(lab.path), "-o", "json")
+    assert result.returncode == 0, describe(result)
+    plan = json.loads(result.stdout)
+    assert plan["build_parents"] == {}, f"plan wants parents again: {plan['build_parents']}"
+    kinds = {action["action"] for action in plan["actions"]}
+    assert kinds <= {"keep", "start"}, f"plan after apply: {plan['actions']}"

@@ -77,6 +77,7 @@ def show_plan(args: argparse.Namespace) -> int:
     try:
         if args.output == "json":
             output.print_json({"inventory": inventory.name, "build_images": plan.images_to_build,
+                               "build_parents": plan.parents_to_build,
                                "actions": _describe_plan(plan)})
             return 0
         for key in plan.images_to_build:
@@ -85,6 +86,8 @@ def show_plan(args: argparse.Namespace) -> int:
                 print(f"  build image {ref.build} (not in the catalog yet)")
             elif ref.path:
                 print(f"  import image {key} from {ref.path}")
+        for pool, method in sorted(plan.parents_to_build.items()):
+            print(f"  build parent VM of instant pool {pool} ({method})")
         for action in plan.actions:
             print(f"{_SYMBOLS[action.kind]} {action.kind:<8} {action.desktop:<16} "
                   f"pool {action.pool:<12} {action.reason}")
