@@ -37,10 +37,8 @@ from orchestrator.instant import fork, parent
 from orchestrator.inventory import load_inventory
 from orchestrator.inventory.model import DEFAULT_HOST
 from orchestrator.plan import Plan, make_plan, observed_desktops, open_inventory_host
-from orchestrator.provision.desktop import os_volume_name, seed_volume_name
 from orchestrator.provision.remove import destroy_inventory
 from orchestrator.provision.steps import EventSink
-from orchestrator.storage import pool as volumes
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +46,7 @@ log = logging.getLogger(__name__)
 METHODS = ("linked", "restore", "fork")
 
 # The timings (seconds) whose sum is "request to ready". A child's "parent" timing is
-# left out: it is the wait for the parent VM, whose build is reported on its own.
+# left out because it is the wait for the parent VM, whose build is reported on its own.
 READY_STEPS = {
     "linked": ("storage", "define", "start", "boot_to_ready"),
     "restore": ("storage", "clone", "cloneprep", "nic", "verify", "ssh"),
@@ -137,7 +135,7 @@ class Ratio:
     measure: str
     value: float
     target: float
-    at_least: bool  # True: value >= target meets it; False: value <= target does
+    at_least: bool  # True if value >= target meets it, False if value <= target does
     percent: bool = False  # print as a percentage rather than as a factor
 
     @property
@@ -204,7 +202,7 @@ def growth_memory_bytes(samples: Iterable[MemorySample], big: int) -> int:
     """Estimate the memory (bytes) that growing every pool to ``big`` desktops needs.
 
     Each new desktop counts as MEMORY_MARGIN times its pool's PSS per desktop, without
-    the fork RAM file, which the pool has already; MEMORY_RESERVE is added for the host.
+    the fork RAM file, which the pool has already. MEMORY_RESERVE is added for the host.
     """
     need = 0.0
     for sample in samples:
@@ -371,7 +369,7 @@ def measure_memory(ctx: HostContext, inventory: str) -> dict[str, MemorySample]:
             sample.ram_file_pss_bytes += shmem
     for _domain, record in parent.inventory_parents(ctx.conn, inventory):
         if record.pool == "fork":
-            samples["fork"].ram_file_bytes = allocated_bytes(record.ram_file)
+            samples["fork"].ram_file_bytes += allocated_bytes(record.ram_file)
     for method, sample in samples.items():
         log.info("pool %s: %d desktops take %d MiB (PSS %d MiB, RAM file %d MiB)", method,
                  sample.desktops, sample.total_bytes >> 20, sample.pss_bytes >> 20,
@@ -380,14 +378,18 @@ def measure_memory(ctx: HostContext, inventory: str) -> dict[str, MemorySample]:
 
 
 def measure_disks(ctx: HostContext, inventory: str, methods: dict[str, MethodFigures]) -> None:
-    """Store the allocated bytes of each pool's desktop volumes and parent files."""
+    """Store the allocated bytes of each pool's desktop volumes and parent files.
+
+    A pool normally has one parent VM. If its parent was rebuilt while older children
+    still use the previous one, both count.
+    """
     for _name, (_domain, record) in observed_desktops(ctx, inventory).items():
         figures = methods[record.pool]
         figures.desktop_disk_bytes += allocated_bytes(record.disk) + allocated_bytes(record.seed)
     for _domain, record in parent.inventory_parents(ctx.conn, inventory):
         figures = methods[record.pool]
-        figures.parent_disk_bytes = (allocated_bytes(record.disk)
-                                     + allocated_bytes(record.state_file))
+        figures.parent_disk_bytes += (allocated_bytes(record.disk)
+                                      + allocated_bytes(record.state_file))
         figures.parent_build_seconds = record.build_seconds
 
 
@@ -418,8 +420,8 @@ def _write_inventory(path: Path, name: str, image: str, memory: str, size: int) 
 
 
 def _apply(path: Path, on_event: EventSink) -> tuple[ApplyResult, dict[str, str], str]:
-    """Apply the inventory at ``path``; return the result, each desktop's pool and the
-    host's accelerator. Any failed desktop fails the bench."""
+    """Apply the inventory at ``path`` and return the result, each desktop's pool and
+    the host's accelerator. Any failed desktop fails the bench."""
     inventory = load_inventory(path)
     plan = make_plan(inventory, build_images=True,
                      progress=lambda message: on_event("image", "build", message))
@@ -476,9 +478,7 @@ def run_instant_bench(image: str = "debian12", count: int = 8, big: int = 20,
         try:
             _measure_both_sizes(result, ctx, path, name, on_event)
         finally:
-            parents = [domain.name() for domain, _ in parent.inventory_parents(ctx.conn, name)]
             errors = destroy_inventory(ctx, name, on_event)
-            _remove_parent_volumes(ctx, parents)
             ctx.close()
             shutil.rmtree(access_key_path(name).parent, ignore_errors=True)
         if errors:
@@ -486,19 +486,6 @@ def run_instant_bench(image: str = "debian12", count: int = 8, big: int = 20,
     result.load_average = (load_start, os.getloadavg()[0])
     result.wall_seconds = time.monotonic() - started
     return result
-
-
-def _remove_parent_volumes(ctx: HostContext, names: list[str]) -> None:
-    """Delete the parents' OS disk and seed volumes if destroying the inventory left them.
-
-    NOTE: parent.remove_parent deletes ``labctl-parent-KEY-os.qcow2``, but a parent's
-    volumes are named like a desktop's, ``labctl-labctl-parent-KEY-os.qcow2``, so they
-    stay behind until remove_parent uses os_volume_name and seed_volume_name.
-    """
-    for name in names:
-        for volume in (os_volume_name(name), seed_volume_name(name)):
-            if volumes.delete(ctx.pool, volume):
-                log.info("removed leftover parent volume %s", volume)
 
 
 def _measure_both_sizes(result: InstantBenchResult, ctx: HostContext, path: Path,

@@ -28,6 +28,7 @@ from orchestrator.instant import cloneprep, fork, parent
 from orchestrator.provision.request import DesktopRequest, NetworkSpec
 from orchestrator.provision.remove import remove_desktop
 from orchestrator.provision.steps import StepFailed
+from orchestrator.storage import qemuimg
 from orchestrator.state import metadata
 
 pytestmark = pytest.mark.libvirt
@@ -158,6 +159,9 @@ def test_parent_shut_off_with_frozen_disk(lab, conn):
     record = parent.read_record(domain)
     assert record is not None
     assert os.stat(record.disk).st_mode & 0o777 == 0o444, "parent disk is not read-only"
+    chain = [layer.path for layer in qemuimg.backing_chain(record.disk)]
+    assert len(chain) == 2, f"parent disk chain {chain}: not an overlay on the replica"
+    assert os.path.basename(chain[1]).startswith("labctl-replica-"), chain
     assert entry["state_bytes"] > 0, entry
     assert os.path.exists(record.state_file), f"state file {record.state_file} is missing"
     if lab.method == "fork":

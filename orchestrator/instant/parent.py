@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 import libvirt
 
 from orchestrator import locks
-from orchestrator.domain import render_domain
+from orchestrator.domain import DiskLayer, render_domain
 from orchestrator.errors import GuestError
 from orchestrator.guest import agent
 from orchestrator.hosts.context import HostContext
@@ -141,6 +141,11 @@ class ParentBuild(Provisioning):
         assert self.domain is not None
         metadata.write(self.domain, self.parent, PARENT_NAMESPACE)
         return self.parent
+
+    def backing_layers(self) -> tuple[DiskLayer, ...]:
+        """The parent's disk is an overlay on the replica, like a linked clone's."""
+        assert self.replica is not None
+        return (self.replica.disk,)
 
     def os_volume(self) -> str:
         return parent_volume_names(self.request.name)[0]
