@@ -82,8 +82,9 @@ def instant_lab(request, tmp_path_factory, tiny_image) -> InstantLab:
     prefix = unique_name("c")
     path = write_inventory(tmp_path_factory.mktemp(f"instant-{method}"),
                            {"kids": instant_pool(prefix, method)})
-    result = run_labctl("apply", str(path), timeout=APPLY_TIMEOUT)
     try:
+        # Inside the try: a timed-out apply must still be destroyed.
+        result = run_labctl("apply", str(path), timeout=APPLY_TIMEOUT)
         yield InstantLab(path, method, result, [f"{prefix}{n}" for n in range(1, SIZE + 1)])
     finally:
         destroyed = run_labctl("destroy", str(path))

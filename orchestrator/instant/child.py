@@ -30,6 +30,10 @@ from orchestrator.state import metadata
 
 log = logging.getLogger(__name__)
 
+# Seconds each step after the fork may wait (agent, restore, DHCP): the child already
+# runs, so it needs seconds, not the cold-boot deadline of a whole desktop.
+CHILD_STEP_TIMEOUT = 180.0
+
 # Directory of restore's named pipes: libvirtd on this machine must be able to read it.
 FIFO_DIR = "/run/labctl"
 
@@ -58,6 +62,10 @@ class ChildProvisioning(Provisioning):
 
     # -- steps ---------------------------------------------------------------------
 
+    @property
+    def step_timeout(self) -> float:
+        return min(self.request.ready_timeout, CHILD_STEP_TIMEOUT)
+
     def ensure_parent(self) -> None:
         started = time.monotonic()
         self.parent = ensure_parent(self.ctx, self.request, self.method, self.access_key,
@@ -81,7 +89,7 @@ class ChildProvisioning(Provisioning):
             self.domain = self._restore()
         # libvirt learns that the agent's channel is connected from an event that can
         # arrive a moment after the resume.
-        agent.wait_for_agent(self.domain, timeout=self.request.ready_timeout, poll=0.02)
+        agent.wait_for_agent(self.domain, timeout=self.step_timeout, poll=0.02)
         self.timings["clone"] = time.monotonic() - started
 
     def _fork(self) -> libvirt.virDomain:
@@ -94,8 +102,7 @@ class ChildProvisioning(Provisioning):
             raise GuestError(f"starting the child failed: {exc.get_error_message()}",
                              where=self.request.name) from exc
         self.domain = domain  # so that the undo finds it if the state load fails
-        fork.load_device_state(domain, self.parent.state_file,
-                               timeout=self.request.ready_timeout)
+        fork.load_device_state(domain, self.parent.state_file, timeout=self.step_timeout)
         domain.resume()
         return domain
 
@@ -111,7 +118,7 @@ class ChildProvisioning(Provisioning):
         )
         paths.ensure_private_dir(Path(FIFO_DIR))
         return savefile.restore_child(self.ctx.conn, image, xml, workdir=FIFO_DIR,
-                                      timeout=self.request.ready_timeout)
+                                      timeout=self.step_timeout)
 
     def undefine(self) -> None:
         if self.domain is None:
@@ -147,7 +154,7 @@ class ChildProvisioning(Provisioning):
         started = time.monotonic()
         if self.request.network.mode != "none":
             self.address = readiness.guest_address(self.domain, self.identity.mac,
-                                                   timeout=self.request.ready_timeout)
+                                                   timeout=self.step_timeout)
         self.timings["nic"] = time.monotonic() - started
 
     def verify(self) -> None:
@@ -173,7 +180,7 @@ class ChildProvisioning(Provisioning):
             address = "127.0.0.1" if self.request.network.mode == "user" else self.address
             ssh.wait_for_login(address, self.ssh_port or 22, self.request.login_user,
                                self.access_key.private, self.identity.ssh_host_key.public,
-                               timeout=self.request.ready_timeout, name=self.request.name)
+                               timeout=self.step_timeout, name=self.request.name)
         self.timings["ssh"] = time.monotonic() - started
 
     def record_ready(self) -> None:
