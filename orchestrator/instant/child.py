@@ -9,7 +9,6 @@ the parent's disk: a later cold boot works without the parent's memory state.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -119,16 +118,6 @@ class ChildProvisioning(Provisioning):
         paths.ensure_private_dir(Path(FIFO_DIR))
         return savefile.restore_child(self.ctx.conn, image, xml, workdir=FIFO_DIR,
                                       timeout=self.step_timeout)
-
-    def undefine(self) -> None:
-        if self.domain is None:
-            return
-        with contextlib.suppress(libvirt.libvirtError):
-            if self.domain.isActive():
-                self.domain.destroy()
-        with contextlib.suppress(libvirt.libvirtError):
-            if self.domain.isPersistent():
-                self.domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
 
     def target(self) -> cloneprep.Target:
         assert self.identity is not None and self.parent is not None

@@ -119,14 +119,9 @@ class ParentBuild(Provisioning):
     parent: ParentRecord | None = None
 
     def steps(self) -> list[Step]:
-        return [
-            Step("check", self.check_name),
-            Step("identity", self.make_identity),
-            Step("os-disk", self.create_os_disk, self.remove_os_disk),
-            Step("seed", self.create_seed, self.remove_seed),
-            Step("define", self.define, self.undefine),
-            Step("start", self.start, self.stop),
-            Step("ready", self.wait_ready),
+        """A desktop's steps up to ready, then prepare, save and freeze instead of record."""
+        desktop = [step for step in super().steps() if step.name != "record"]
+        return desktop + [
             Step("prepare", self.prepare),
             Step("save", self.save, self.remove_state),
             Step("freeze", self.freeze),

@@ -196,12 +196,19 @@ class Provisioning:
         return ()
 
     def undefine(self) -> None:
+        """Destroy the domain and, unless it is transient (an instant clone before its
+        definition), undefine it."""
         if self.domain is None:
             return
+        try:
+            persistent = self.domain.isPersistent()
+        except libvirt.libvirtError:
+            return  # already gone
         with contextlib.suppress(libvirt.libvirtError):
             if self.domain.isActive():
                 self.domain.destroy()
-        self.domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+        if persistent:
+            self.domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
 
     def start(self) -> None:
         started = time.monotonic()
