@@ -119,7 +119,7 @@ class ParentBuild(Provisioning):
     parent: ParentRecord | None = None
 
     def steps(self) -> list[Step]:
-        """A desktop's steps up to ready, then prepare, save and freeze instead of record."""
+        """Return a desktop's steps up to ready, then prepare, save and freeze (no record)."""
         desktop = [step for step in super().steps() if step.name != "record"]
         return desktop + [
             Step("prepare", self.prepare),
@@ -138,7 +138,7 @@ class ParentBuild(Provisioning):
         return self.parent
 
     def backing_layers(self) -> tuple[DiskLayer, ...]:
-        """The parent's disk is an overlay on the replica, like a linked clone's."""
+        """Return the replica: the parent's disk is an overlay on it, like a linked clone's."""
         assert self.replica is not None
         return (self.replica.disk,)
 
@@ -349,7 +349,7 @@ def remove_unused_parents(ctx: HostContext, inventory: str, keep: set[str],
                           on_event: EventSink) -> list[str]:
     """Remove the inventory's parents that no child uses, except usable ones in ``keep``.
 
-    ``keep`` contains the keys the inventory still needs; a parent of such a key that lost
+    ``keep`` contains the keys the inventory still needs. A parent of such a key that lost
     its files goes too once unused, because the next child builds a new one anyway.
     """
     removed = []

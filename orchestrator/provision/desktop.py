@@ -43,7 +43,7 @@ def console_log_path(desktop: str) -> str:
 
 @dataclass(frozen=True)
 class KeptIdentity:
-    """What a refreshed desktop keeps of its identity; the generation goes up by one."""
+    """The identity a refreshed desktop keeps (UUID, MAC, SSH port); its generation goes up."""
 
     uuid: str
     mac: str
@@ -151,7 +151,7 @@ class Provisioning:
         self.timings["storage"] = time.monotonic() - started
 
     def backing_layers(self) -> tuple[DiskLayer, ...]:
-        """The layers below the desktop's OS disk, nearest first (none for a full clone)."""
+        """Return the layers below the desktop's OS disk, nearest first (none for a full clone)."""
         assert self.replica is not None
         return (self.replica.disk,) if self.request.clone == "linked" else ()
 
@@ -291,7 +291,7 @@ class Provisioning:
 
     def domain_spec(self, record: DesktopRecord, *, nic: bool = True,
                     extra_args: tuple[str, ...] = ()) -> DomainSpec:
-        """The desktop's domain; ``nic=False`` leaves the NIC out (instant clones get it
+        """Return the desktop's domain spec. ``nic=False`` leaves the NIC out (instant clones get it
         hot-plugged), ``extra_args`` are QEMU arguments (instant-clone memory)."""
         request, identity, replica = self.request, self.identity, self.replica
         assert identity is not None and replica is not None
