@@ -72,7 +72,8 @@ def host_settings(inventory: Inventory, key: str) -> HostSettings:
     return HostSettings(
         name=key, uri=host.uri, accelerator=host.accelerator,
         storage_pool=host.storage.pool, storage_path=host.storage.path,
-        max_parallel=host.max_parallel, ksm=host.ksm,
+        max_parallel=host.limits.provisioning, power_parallel=host.limits.power,
+        maintenance_parallel=host.limits.maintenance, ksm=host.ksm,
     )
 
 

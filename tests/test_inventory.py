@@ -916,7 +916,7 @@ def test_default_host(tmp_path):
     assert host.accelerator == "auto"
     assert host.storage.pool == "labctl"
     assert host.storage.path == "/var/lib/labctl/pool"
-    assert host.max_parallel == 2
+    assert (host.limits.provisioning, host.limits.power, host.limits.maintenance) == (2, 4, 1)
 
 
 def test_empty_hosts_no_default(tmp_path):
@@ -1031,7 +1031,7 @@ VOCABULARY = sorted(
     {
         *("name", "vars", "include", "defaults", "hosts", "images", "networks", "pools"),
         *("local", "lab", "img", "uri", "accelerator", "storage", "pool", "path"),
-        *("max_parallel", "build", "version", "mode", "ssh_forward", "network", "bridge"),
+        *("limits", "provisioning", "power", "build", "version", "mode", "ssh_forward", "network", "bridge"),
         *("image", "clone", "size", "naming", "names", "host", "hardware", "vcpus"),
         *("memory", "disk", "instant", "method", "identity", "hostname", "domain"),
         *("timezone", "users", "ssh_authorized_keys", "password_hash", "sudo", "shell"),
@@ -1159,3 +1159,93 @@ def test_local_only_rejected_before_connecting(tmp_path, monkeypatch, host, pool
         plan.make_plan(load_inventory(path))
     assert message in caught.value.message, caught.value.message
     assert caught.value.where == f"{path}:{line}"
+
+
+# --- pool policies ---------------------------------------------------------------------------
+
+
+def test_policy_defaults(tmp_path):
+    pool = load_text(tmp_path, pool_yaml()).pools["lab"]
+    assert pool.provisioning.mode == "up-front"
+    assert (pool.provisioning.min_desktops, pool.provisioning.spare_desktops) == (0, 1)
+    assert pool.provisioning.enabled and pool.provisioning.stop_on_error
+    assert (pool.assignment.type, pool.assignment.automatic) == ("floating", True)
+    assert (pool.logoff, pool.refresh_over, pool.power_policy) == ("keep", None, "always-on")
+    assert (pool.recompose.strategy, pool.recompose.grace) == ("wait-for-logoff", 300)
+    assert pool.storage == []
+
+
+def test_policies_parse(tmp_path):
+    pool = load_text(tmp_path, pool_yaml(
+        "provisioning: {mode: on-demand, min: 1, spare: 2, stop_on_error: false}",
+        "assignment: {type: dedicated, automatic: false}",
+        "logoff: refresh",
+        "refresh_over: 2GiB",
+        "power: suspend",
+        "recompose: {strategy: force, grace: 5m, min_ready: 1}",
+        size="4",
+    )).pools["lab"]
+    assert (pool.provisioning.min_desktops, pool.provisioning.spare_desktops) == (1, 2)
+    assert pool.refresh_over == 2048 * MIB
+    assert pool.recompose.grace == 300 and pool.recompose.strategy == "force"
+    assert pool.power_policy == "suspend"
+
+
+@pytest.mark.parametrize(
+    ("line", "message", "fix"),
+    [
+        ("provisioning: {mode: on-demand, min: 3}",
+         "provisioning.min is 3, more than the pool's size of 2", "lower min: to at most 2"),
+        ("provisioning: {mode: on-demand, spare: 5}",
+         "provisioning.spare is 5, more than the pool's size of 2", "lower spare: to at most 2"),
+        ("provisioning: {spare: 1}", "spare applies only to mode: on-demand",
+         "set mode: on-demand"),
+        ("recompose: {min_ready: 3}", "recompose.min_ready is 3", "at most 2"),
+        ("recompose: {grace: 5 minutes}", "invalid duration '5 minutes'", "5m"),
+        ("refresh_over: 1KiB", "below the minimum of 1MiB", ""),
+        ("power: hibernate", "power", "always-on"),
+    ],
+)
+def test_policy_errors(tmp_path, line, message, fix):
+    error = load_error(tmp_path, pool_yaml(line))
+    assert error.where == at(tmp_path, 11), error
+    assert message in error.message, error
+    assert fix in (error.fix or "") or fix in error.message, error
+
+
+def test_dedicated_pool_cannot_delete_on_logoff(tmp_path):
+    error = load_error(tmp_path, pool_yaml("assignment: {type: dedicated}", "logoff: delete"))
+    assert error.where == at(tmp_path, 12), error
+    assert "dedicated desktop away from its user" in error.message
+    assert "logoff: refresh or keep" in error.fix
+
+
+def test_instant_pool_has_no_power_policy(tmp_path):
+    error = load_error(tmp_path, pool_yaml("power: power-off", clone="instant"))
+    assert error.where == at(tmp_path, 11), error
+    assert "does not apply to instant clones" in error.message
+
+
+def test_full_pool_has_no_overlay_threshold(tmp_path):
+    error = load_error(tmp_path, pool_yaml("refresh_over: 1GiB", clone="full"))
+    assert "a full clone has none" in error.message and error.where == at(tmp_path, 11)
+
+
+def test_storage_must_be_a_pool_of_the_host(tmp_path):
+    text = (
+        "hosts:\n  local:\n    uri: qemu:///system\n"
+        "    storage_pools: [{pool: fast, path: /srv/fast}]\n"
+        + pool_yaml("storage: [labctl, fats]")
+    )
+    error = load_error(tmp_path, text)
+    assert error.where == at(tmp_path, 15), error
+    assert "'fats' is not a storage pool of host 'local'" in error.message
+    assert "fast" in error.fix
+    pool = load_text(tmp_path, text.replace("fats", "fast")).pools["lab"]
+    assert pool.storage == ["labctl", "fast"]
+
+
+def test_host_limits(tmp_path):
+    text = "hosts:\n  local:\n    uri: qemu:///system\n    limits: {power: 0}\n" + pool_yaml()
+    error = load_error(tmp_path, text)
+    assert error.where == at(tmp_path, 4), error

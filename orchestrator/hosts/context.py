@@ -27,7 +27,9 @@ class HostSettings:
     accelerator: str = "auto"
     storage_pool: str = "labctl"
     storage_path: str = "/var/lib/labctl/pool"
-    max_parallel: int = 2
+    max_parallel: int = 2  # provisioning operations at once (hosts.NAME.limits)
+    power_parallel: int = 4
+    maintenance_parallel: int = 1
     ksm: bool | None = None  # turn KSM on or off at apply; None leaves it as it is
 
 
@@ -40,6 +42,8 @@ class HostContext:
     emulator: str
     allocator: HostAllocator
     provisioning: threading.Semaphore
+    power: threading.Semaphore
+    maintenance: threading.Semaphore
     _pool: libvirt.virStoragePool | None = field(default=None, repr=False)
 
     @property
@@ -86,6 +90,8 @@ def open_host(settings: HostSettings, *, probe: bool = True) -> HostContext:
         emulator=_emulator(conn, facts.DOMAIN_TYPES[accelerator]),
         allocator=HostAllocator(conn),
         provisioning=threading.Semaphore(max(1, settings.max_parallel)),
+        power=threading.Semaphore(max(1, settings.power_parallel)),
+        maintenance=threading.Semaphore(max(1, settings.maintenance_parallel)),
     )
 
 

@@ -57,6 +57,7 @@ def check_inventory(inventory: Inventory) -> None:
         _check_reference(inventory, name, "host", pool.host, inventory.hosts)
         if pool.network is not None:
             _check_reference(inventory, name, "network", pool.network, inventory.networks)
+        _check_storage(inventory, name, pool)
     total = sum(pool.size for pool in inventory.pools.values())
     if total > MAX_DESKTOPS:
         raise InventoryError(
@@ -85,6 +86,24 @@ def _check_reference(
         where=inventory.where(path),
         fix=fix,
     )
+
+
+def _check_storage(inventory: Inventory, name: str, pool: Pool) -> None:
+    """Raise on a pools.NAME.storage entry that is not a storage pool of the pool's host."""
+    host = inventory.hosts.get(pool.host)
+    if host is None or not pool.storage:
+        return
+    known = [host.storage.pool] + [extra.pool for extra in host.storage_pools]
+    for position, storage in enumerate(pool.storage):
+        if storage in known:
+            continue
+        raise InventoryError(
+            f"pools.{name}.storage: {quote(storage)} is not a storage pool of host "
+            f"{quote(pool.host)} (it has: {join_choices(known)})",
+            where=inventory.where(("pools", name, "storage", position)),
+            fix=did_you_mean(storage, known)
+            or f"add it under hosts.{pool.host}.storage_pools: with its pool: and path:",
+        )
 
 
 def _names_path(pool: Pool, name: str) -> tuple[str, ...]:

@@ -390,6 +390,49 @@ def size_type(minimum: int, description: str) -> Any:
     ]
 
 
+# Durations: seconds, or a number with a unit (s, m, h, d), e.g. 90s, 5m, 2h.
+DURATION_RE = re.compile(r"\s*(\d+)\s*([smhd]?)\s*")
+DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_DURATION = 365 * 86400
+DURATION_EXAMPLES = "90s, 5m, 2h, 1d or a plain number of seconds"
+
+
+def parse_duration(value: Any) -> int:
+    """Convert an inventory duration (int seconds or text like ``5m``) to seconds."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise labctl_error(
+            f"expected a duration, got {describe(value)}", fix=f"use {DURATION_EXAMPLES}"
+        )
+    if isinstance(value, int):
+        seconds = value
+    else:
+        match = DURATION_RE.fullmatch(value)
+        if not match:
+            raise labctl_error(f"invalid duration {quote(value)}", fix=f"use {DURATION_EXAMPLES}")
+        seconds = int(match.group(1)) * DURATION_UNITS[match.group(2)]
+    if not 0 <= seconds <= MAX_DURATION:
+        raise labctl_error(f"duration {value} is outside 0 to {MAX_DURATION} seconds (1 year)")
+    return seconds
+
+
+def duration_type(description: str) -> Any:
+    """Build the annotated type of a duration field stored as int seconds."""
+    return Annotated[
+        int,
+        BeforeValidator(parse_duration),
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "integer", "minimum": 0, "maximum": MAX_DURATION},
+                    {"type": "string", "pattern": r"^\s*\d+\s*[smhd]?\s*$"},
+                ],
+                "description": f"{description} Seconds, or a number with a unit: "
+                f"{DURATION_EXAMPLES}.",
+            }
+        ),
+    ]
+
+
 def _naming_pattern(value: str) -> str:
     _single_line(value)
     try:

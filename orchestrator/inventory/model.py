@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 from orchestrator.inventory.fields import (
     MAX_COMMAND_CHARS,
     MIB,
+    duration_type,
     AbsolutePath,
     BridgeName,
     Command,
@@ -49,6 +50,8 @@ BUILD_RECIPES = ("debian12", "tiny")
 
 MemorySize = size_type(MIN_MEMORY, "Guest memory.")
 DiskSize = size_type(MIN_DISK, "Virtual size of the desktop's disk; default: the image's size.")
+RefreshSize = size_type(MIB, "OS disk overlay size that triggers a refresh.")
+GraceSeconds = duration_type("Grace period.")
 
 
 class StrictModel(BaseModel):
@@ -62,6 +65,21 @@ class StoragePool(StrictModel):
     path: AbsolutePath = DEFAULT_STORAGE_PATH
 
 
+class Limits(StrictModel):
+    """Operations of each class run at once on a host, so a login surge or a recompose
+    cannot boot-storm it (Horizon's vCenter concurrency limits)."""
+
+    provisioning: Annotated[int, Field(ge=1, le=64)] = Field(
+        2, description="Desktops created, refreshed or recomposed at once."
+    )
+    power: Annotated[int, Field(ge=1, le=64)] = Field(
+        4, description="Starts, shutdowns and managed saves at once."
+    )
+    maintenance: Annotated[int, Field(ge=1, le=64)] = Field(
+        1, description="Rebalance moves and other storage maintenance at once."
+    )
+
+
 class Host(StrictModel):
     """A libvirt host that runs desktops."""
 
@@ -70,9 +88,11 @@ class Host(StrictModel):
         "auto", description="auto probes KVM with a real boot and falls back to TCG."
     )
     storage: StoragePool = StoragePool()
-    max_parallel: Annotated[int, Field(ge=1, le=64)] = Field(
-        2, description="Desktops provisioned at once on this host."
+    storage_pools: list[StoragePool] = Field(
+        [], description="More storage pools on this host that pools can spread desktops over "
+        "(pools.NAME.storage, labctl rebalance).",
     )
+    limits: Limits = Limits()
     ksm: bool | None = Field(
         None, description="true/false: turn the host's kernel same-page merging on/off at "
         "apply (host-wide; local hosts only). Unset: leave it as it is.",
@@ -149,6 +169,75 @@ class InstantOptions(StrictModel):
     )
 
 
+class ProvisioningPolicy(StrictModel):
+    """When a pool's desktops are made: all up front, or on demand as they are checked out."""
+
+    mode: Literal["up-front", "on-demand"] = Field(
+        "up-front", description="up-front: size desktops always exist; on-demand: min "
+        "desktops exist and spare ready ones are kept, up to size."
+    )
+    min: Annotated[int, Field(ge=0, le=MAX_POOL_SIZE)] | None = Field(
+        None, description="on-demand: desktops that exist even when nobody uses them "
+        "(default 0)."
+    )
+    spare: Annotated[int, Field(ge=0, le=MAX_POOL_SIZE)] | None = Field(
+        None, description="on-demand: ready, unassigned desktops kept for the next checkouts "
+        "(default 1)."
+    )
+    enabled: bool = Field(True, description="false: make no new desktops for this pool.")
+    stop_on_error: bool = Field(
+        True, description="Stop provisioning the pool at its first error, until "
+        "labctl clear POOL (the error is shown by labctl status)."
+    )
+
+    @model_validator(mode="after")
+    def _on_demand_only(self) -> ProvisioningPolicy:
+        if self.mode == "up-front":
+            for key in ("min", "spare"):
+                if getattr(self, key) is not None:
+                    raise labctl_error(
+                        f"{key} applies only to mode: on-demand (up-front makes every desktop "
+                        "at once)",
+                        fix=f"remove {key}: or set mode: on-demand",
+                        field=key,
+                    )
+        return self
+
+    @property
+    def min_desktops(self) -> int:
+        return self.min or 0
+
+    @property
+    def spare_desktops(self) -> int:
+        return 1 if self.spare is None else self.spare
+
+
+class AssignmentPolicy(StrictModel):
+    """Who gets which desktop: any free one (floating) or always the same one (dedicated)."""
+
+    type: Literal["floating", "dedicated"] = "floating"
+    automatic: bool = Field(
+        True, description="dedicated: a user's first checkout assigns a free desktop; "
+        "false: only labctl assign gives users desktops."
+    )
+
+
+class RecomposePolicy(StrictModel):
+    """How labctl recompose moves desktops to a new image version."""
+
+    strategy: Literal["wait-for-logoff", "force"] = Field(
+        "wait-for-logoff", description="Desktops in use: recomposed at release "
+        "(wait-for-logoff), or after the grace period even if in use (force)."
+    )
+    grace: GraceSeconds = Field(
+        300, description="force: time a desktop in use gets before it is recomposed."
+    )
+    stop_on_error: bool = Field(True, description="Stop the roll at the first failure.")
+    min_ready: Annotated[int, Field(ge=0, le=MAX_POOL_SIZE)] = Field(
+        0, description="Ready desktops kept during the roll."
+    )
+
+
 class User(StrictModel):
     """A user account created at first boot."""
 
@@ -207,6 +296,26 @@ class Pool(StrictModel):
     network: Key | None = Field(None, description="Key of networks:; none: no NIC.")
     instant: InstantOptions | None = Field(None, description="Only with clone: instant.")
     identity: Identity = Identity()
+    provisioning: ProvisioningPolicy = ProvisioningPolicy()
+    assignment: AssignmentPolicy = AssignmentPolicy()
+    logoff: Literal["keep", "refresh", "delete"] = Field(
+        "keep", description="What release does to a desktop: keep it as it is, refresh it "
+        "to a clean disk, or delete it (floating pools)."
+    )
+    refresh_over: RefreshSize | None = Field(
+        None, description="Refresh a desktop that is not in use once its OS disk overlay "
+        "is larger than this."
+    )
+    power: Literal["always-on", "suspend", "power-off", "none"] | None = Field(
+        None, description="full and linked pools: keep free desktops running (always-on, "
+        "the default), managed-save them at release (suspend), shut them down (power-off), "
+        "or leave them as they are (none)."
+    )
+    recompose: RecomposePolicy = RecomposePolicy()
+    storage: list[Key] = Field(
+        [], description="libvirt storage pools of the host to spread the desktops over "
+        "(default: the host's storage pool)."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -224,6 +333,7 @@ class Pool(StrictModel):
     @model_validator(mode="after")
     def _check_pool(self) -> Pool:
         self._check_names()
+        self._check_policies()
         if self.instant is not None and self.clone != "instant":
             raise labctl_error(
                 f"instant: applies only to clone: instant, but clone is {self.clone}",
@@ -240,6 +350,51 @@ class Pool(StrictModel):
                 field="instant",
             )
         return self
+
+    def _check_policies(self) -> None:
+        sizing = self.provisioning
+        for key, value in (("min", sizing.min), ("spare", sizing.spare)):
+            if value is not None and value > self.size:
+                raise labctl_error(
+                    f"provisioning.{key} is {value}, more than the pool's size of {self.size} "
+                    "(its maximum number of desktops)",
+                    fix=f"lower {key}: to at most {self.size} or raise size:",
+                    field="provisioning",
+                )
+        if self.assignment.type == "dedicated" and self.logoff == "delete":
+            raise labctl_error(
+                "logoff: delete would take a dedicated desktop away from its user",
+                fix="use logoff: refresh or keep, or assignment: {type: floating}",
+                field="logoff",
+            )
+        if self.clone == "instant" and self.power not in (None, "always-on"):
+            raise labctl_error(
+                f"power: {self.power} does not apply to instant clones: a child lives from "
+                "its fork until it is refreshed or deleted",
+                fix="remove power: (instant clones are always on)",
+                field="power",
+            )
+        if self.clone == "full" and self.refresh_over is not None:
+            raise labctl_error(
+                "refresh_over measures a linked or instant clone's overlay; a full clone has "
+                "none",
+                fix="remove refresh_over:, or use clone: linked",
+                field="refresh_over",
+            )
+        if self.recompose.min_ready > self.size:
+            raise labctl_error(
+                f"recompose.min_ready is {self.recompose.min_ready}, more than the pool's size "
+                f"of {self.size}",
+                fix=f"lower min_ready: to at most {self.size}",
+                field="recompose",
+            )
+        if len(set(self.storage)) != len(self.storage):
+            raise labctl_error("a storage pool is listed twice", fix="list each once",
+                               field="storage")
+
+    @property
+    def power_policy(self) -> str:
+        return self.power or "always-on"
 
     def _check_names(self) -> None:
         if (self.naming is None) == (self.names is None):

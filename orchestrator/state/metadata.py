@@ -44,6 +44,11 @@ class DesktopRecord:
     ready_seconds: float = 0.0
     config_hash: str = ""
     user: str = ""
+    # Assignment and session: the user a dedicated desktop belongs to, and the user who
+    # has it checked out now, since when (ISO 8601 UTC). Empty: unassigned / free.
+    assigned_to: str = ""
+    session_user: str = ""
+    session_since: str = ""
     extra: dict[str, str] = field(default_factory=dict)
 
 
