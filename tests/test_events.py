@@ -29,3 +29,20 @@ def test_history_is_pruned_and_private(monkeypatch):
     assert [e.message for e in events.recent("inv")] == ["3", "4", "5"]
     mode = (paths.state_dir() / "events.db").stat().st_mode & 0o777
     assert mode == 0o600, f"events.db is {mode:o}, expected 600"
+
+
+def test_stopped_pool_keeps_first_error():
+    events.stop_pool("inv", "lab", "lab-1", "step 'seed' failed: disk full")
+    events.stop_pool("inv", "lab", "lab-2", "a later error")
+    stopped = events.stopped_pools("inv")
+    assert list(stopped) == ["lab"]
+    assert stopped["lab"].desktop == "lab-1"
+    assert stopped["lab"].message == "step 'seed' failed: disk full"
+    assert events.stopped_pools("other") == {}
+
+
+def test_clear_pool_resumes_provisioning():
+    events.stop_pool("inv", "lab", "lab-1", "failed")
+    assert events.clear_pool("inv", "lab") is True
+    assert events.stopped_pools("inv") == {}
+    assert events.clear_pool("inv", "lab") is False

@@ -1,8 +1,9 @@
-"""Lifecycle events of pools and desktops, kept in a small SQLite file for `labctl events`.
+"""Lifecycle events and stopped pools, kept in a small SQLite file in the state directory.
 
-The history is a convenience for operators, never a record that labctl depends on:
-desktops, assignments and sessions live in libvirt metadata. Old events are pruned so the
-file stays small. The file is 0600: event messages may name users.
+The event history behind `labctl events` is a convenience for operators. Desktops,
+assignments and sessions live in libvirt metadata, never only here. The one fact kept
+only here is a pool's provisioning error: a pool with stop_on_error stops at its first
+error until `labctl clear`. The file is 0600 because event messages may name users.
 """
 
 from __future__ import annotations
@@ -25,7 +26,15 @@ CREATE TABLE IF NOT EXISTS events (
     desktop TEXT NOT NULL,
     kind TEXT NOT NULL,
     message TEXT NOT NULL
-)
+);
+CREATE TABLE IF NOT EXISTS pool_errors (
+    inventory TEXT NOT NULL,
+    pool TEXT NOT NULL,
+    time REAL NOT NULL,
+    desktop TEXT NOT NULL,
+    message TEXT NOT NULL,
+    PRIMARY KEY (inventory, pool)
+);
 """
 
 
@@ -46,7 +55,7 @@ def _database() -> Iterator[sqlite3.Connection]:
     path.touch(mode=0o600, exist_ok=True)
     connection = sqlite3.connect(path, timeout=30)
     try:
-        connection.execute(_SCHEMA)
+        connection.executescript(_SCHEMA)
         with connection:
             yield connection
     finally:
@@ -78,3 +87,41 @@ def recent(inventory: str, *, limit: int = 50, pool: str | None = None) -> list[
     with _database() as db:
         rows = db.execute(query, arguments).fetchall()
     return [Event(*row) for row in reversed(rows)]
+
+
+@dataclass(frozen=True)
+class PoolError:
+    """The error that stopped a pool's provisioning, kept until it is cleared."""
+
+    time: float
+    desktop: str
+    message: str
+
+
+def stop_pool(inventory: str, pool: str, desktop: str, message: str) -> None:
+    """Record the error that stops a pool's provisioning (the first one is kept)."""
+    with _database() as db:
+        db.execute(
+            "INSERT OR IGNORE INTO pool_errors (inventory, pool, time, desktop, message) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (inventory, pool, time.time(), desktop, message),
+        )
+
+
+def stopped_pools(inventory: str) -> dict[str, PoolError]:
+    """Return the inventory's stopped pools with the error that stopped each."""
+    with _database() as db:
+        rows = db.execute(
+            "SELECT pool, time, desktop, message FROM pool_errors WHERE inventory = ?",
+            (inventory,),
+        ).fetchall()
+    return {pool: PoolError(when, desktop, message) for pool, when, desktop, message in rows}
+
+
+def clear_pool(inventory: str, pool: str) -> bool:
+    """Clear a pool's error so provisioning resumes; return whether there was one."""
+    with _database() as db:
+        cursor = db.execute(
+            "DELETE FROM pool_errors WHERE inventory = ? AND pool = ?", (inventory, pool)
+        )
+    return cursor.rowcount > 0
