@@ -91,6 +91,8 @@ class DomainSpec:
     extra_qemu_args: tuple[str, ...] = field(default=())
     # False: QEMU does not mark guest RAM mergeable, so KSM never shares its pages.
     share_pages: bool = True
+    # TCG only: size of QEMU's translated-code cache; 0 keeps QEMU's default of 1 GiB.
+    tcg_cache_mib: int = 0
 
     def qemu_args(self) -> list[str]:
         args = list(self.user_network.qemu_args()) if self.user_network else []
@@ -118,6 +120,7 @@ def render_domain(spec: DomainSpec) -> str:
         emulator=spec.emulator,
         qemu_args=spec.qemu_args(),
         share_pages=spec.share_pages,
+        tcg_cache_mib=spec.tcg_cache_mib,
     )
 
 

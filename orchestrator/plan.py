@@ -20,6 +20,7 @@ from orchestrator.identity.desktop import UserAccount
 from orchestrator.images import catalog, recipes
 from orchestrator.images.catalog import ImageVersion
 from orchestrator.inventory import Inventory, expand_names
+from orchestrator.inventory.fields import MIB
 from orchestrator.instant import fork, parent
 from orchestrator.inventory.naming import expand_hostname
 from orchestrator.provision.request import DesktopRequest, NetworkSpec
@@ -74,6 +75,7 @@ def host_settings(inventory: Inventory, key: str) -> HostSettings:
         storage_pool=host.storage.pool, storage_path=host.storage.path,
         max_parallel=host.limits.provisioning, power_parallel=host.limits.power,
         maintenance_parallel=host.limits.maintenance, ksm=host.ksm,
+        tcg_cache_mib=host.tcg_cache // MIB,
     )
 
 

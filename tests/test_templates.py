@@ -160,6 +160,7 @@ def linked_spec() -> DomainSpec:
         user_network=UserNetwork("52:54:00:3a:7c:01", 22001),
         console_log="/var/log/libvirt/qemu/lab-l1-console.log",
         emulator="/usr/bin/qemu-system-x86_64",
+        tcg_cache_mib=256,
     )
 
 
@@ -280,6 +281,16 @@ def check_golden(name: str, text: str, directory: Path = GOLDEN) -> None:
 
 def test_golden_domain_linked():
     check_golden("domain-linked.xml", render_domain(linked_spec()))
+
+
+def test_tcg_cache_only_under_tcg():
+    tcg = ET.fromstring(render_domain(linked_spec()))
+    assert tcg.findtext("features/tcg/tb-cache") == "256"
+    assert tcg.find("features/tcg/tb-cache").get("unit") == "MiB"
+    kvm = ET.fromstring(render_domain(replace(full_spec(), tcg_cache_mib=256)))
+    assert kvm.find("features/tcg") is None, "a KVM domain must not get a TCG cache size"
+    default = ET.fromstring(render_domain(replace(linked_spec(), tcg_cache_mib=0)))
+    assert default.find("features/tcg") is None, "0 must keep QEMU's default cache"
 
 
 def test_golden_domain_full():

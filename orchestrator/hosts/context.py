@@ -31,6 +31,7 @@ class HostSettings:
     power_parallel: int = 4
     maintenance_parallel: int = 1
     ksm: bool | None = None  # turn KSM on or off at apply; None leaves it as it is
+    tcg_cache_mib: int = 256  # TCG guests' translated-code cache (hosts.NAME.tcg_cache)
 
 
 @dataclass

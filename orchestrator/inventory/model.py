@@ -50,6 +50,7 @@ BUILD_RECIPES = ("debian12", "tiny")
 
 MemorySize = size_type(MIN_MEMORY, "Guest memory.")
 DiskSize = size_type(MIN_DISK, "Virtual size of the desktop's disk; default: the image's size.")
+TcgCacheSize = size_type(32 * MIB, "TCG translated-code cache.")
 RefreshSize = size_type(MIB, "OS disk overlay size that triggers a refresh.")
 GraceSeconds = duration_type("Grace period.")
 
@@ -93,6 +94,11 @@ class Host(StrictModel):
         "(pools.NAME.storage, labctl rebalance).",
     )
     limits: Limits = Limits()
+    tcg_cache: TcgCacheSize = Field(
+        256 * MIB, description="Under TCG (no KVM): QEMU's translated-code cache per guest. "
+        "QEMU's own default of 1 GiB is mostly resident after a boot, so a smaller cache fits "
+        "more guests; larger ones retranslate less.",
+    )
     ksm: bool | None = Field(
         None, description="true/false: turn the host's kernel same-page merging on/off at "
         "apply (host-wide; local hosts only). Unset: leave it as it is.",
