@@ -2,9 +2,10 @@
 
 Three pools of the same hardware and user network run on the local host: ``linked``
 (each desktop boots from its overlay), ``restore`` and ``fork`` (instant clones made
-from the pool's parent VM). Each pool starts at ``count`` desktops and grows to ``big``
-when the inventory is written again with the bigger size and applied again, which
-creates only the missing desktops. Everything goes through the same code as
+from the pool's parent VM). Each pool starts at ``count`` desktops. Then one pool at a
+time grows to ``big`` (the inventory is written again with its bigger size and applied,
+which creates only the missing desktops), is measured, and shrinks back to ``count``, so
+the host never holds three pools of ``big`` desktops at once. Everything goes through the same code as
 ``labctl apply`` on a throw-away inventory in a temporary directory, and the run
 destroys what it made at the end, also after a failure or Ctrl-C.
 
@@ -218,15 +219,19 @@ def check_memory_for_growth(samples: Iterable[MemorySample], big: int, available
     need = growth_memory_bytes(samples, big)
     if need > available:
         raise HostError(
-            f"growing the bench pools to {big} desktops each needs about {need / 2**30:.1f} GiB "
+            f"growing a bench pool to {big} desktops needs about {need / 2**30:.1f} GiB "
             f"more memory, but only {available / 2**30:.1f} GiB is available",
             where="/proc/meminfo MemAvailable",
             fix="use a smaller --big or --memory, or stop other guests first",
         )
 
 
-def inventory_document(name: str, image: str, memory: str, size: int) -> dict:
-    """Build the bench inventory: three pools of ``size`` desktops on one user network."""
+def inventory_document(name: str, image: str, memory: str, size: int,
+                       sizes: dict[str, int] | None = None) -> dict:
+    """Build the bench inventory: three pools of ``size`` desktops on one user network.
+
+    ``sizes`` overrides the size of single pools, e.g. ``{"fork": 20}``.
+    """
     pools = {
         "linked": {"clone": "linked", "naming": f"{name}-l{{n}}"},
         "restore": {"clone": "instant", "instant": {"method": "restore"},
@@ -234,8 +239,8 @@ def inventory_document(name: str, image: str, memory: str, size: int) -> dict:
         "fork": {"clone": "instant", "instant": {"method": "fork"},
                  "naming": f"{name}-f{{n}}"},
     }
-    for pool in pools.values():
-        pool["size"] = size
+    for method, pool in pools.items():
+        pool["size"] = (sizes or {}).get(method, size)
     return {
         "name": name,
         "images": {image: {"build": image}},
@@ -414,8 +419,9 @@ def _check_arguments(image: str, count: int, big: int, memory: str | None) -> st
     return DEFAULT_MEMORY[image]
 
 
-def _write_inventory(path: Path, name: str, image: str, memory: str, size: int) -> None:
-    document = inventory_document(name, image, memory, size)
+def _write_inventory(path: Path, name: str, image: str, memory: str, size: int,
+                     sizes: dict[str, int] | None = None) -> None:
+    document = inventory_document(name, image, memory, size, sizes)
     path.write_text(yaml.safe_dump(document, sort_keys=False))
 
 
@@ -488,6 +494,23 @@ def run_instant_bench(image: str = "debian12", count: int = 8, big: int = 20,
     return result
 
 
+def _measure_one_grown(result: InstantBenchResult, ctx: HostContext, path: Path, name: str,
+                       method: str, sample: MemorySample, on_event: EventSink) -> None:
+    """Grow the pool of ``method`` to ``big``, measure it, and shrink it back to ``count``."""
+    check_memory_for_growth([sample], result.big, available_memory())
+    _write_inventory(path, name, result.image, result.memory, result.count,
+                     {method: result.big})
+    outcome, pools, _ = _apply(path, on_event)
+    expected = result.big - result.count
+    if len(outcome.created) != expected:
+        raise LabctlError(f"growing pool {method} created {len(outcome.created)} desktops "
+                          f"instead of {expected}: the bench figures would be wrong")
+    _store_timings(result.methods, outcome, pools)
+    result.methods[method].memory.append(measure_memory(ctx, name)[method])
+    _write_inventory(path, name, result.image, result.memory, result.count)
+    _apply(path, on_event)
+
+
 def _measure_both_sizes(result: InstantBenchResult, ctx: HostContext, path: Path,
                         name: str, on_event: EventSink) -> None:
     outcome, pools, result.accelerator = _apply(path, on_event)
@@ -495,15 +518,8 @@ def _measure_both_sizes(result: InstantBenchResult, ctx: HostContext, path: Path
     samples = measure_memory(ctx, name)
     _store_memory(result.methods, samples)
     if result.big > result.count:
-        check_memory_for_growth(samples.values(), result.big, available_memory())
-        _write_inventory(path, name, result.image, result.memory, result.big)
-        outcome, pools, _ = _apply(path, on_event)
-        expected = len(METHODS) * (result.big - result.count)
-        if len(outcome.created) != expected:
-            raise LabctlError(f"growing the pools created {len(outcome.created)} desktops "
-                              f"instead of {expected}: the bench figures would be wrong")
-        _store_timings(result.methods, outcome, pools)
-        _store_memory(result.methods, measure_memory(ctx, name))
+        for method in METHODS:
+            _measure_one_grown(result, ctx, path, name, method, samples[method], on_event)
     measure_disks(ctx, name, result.methods)
     records = observed_desktops(ctx, name)
     if records:

@@ -147,6 +147,12 @@ def test_inventory_three_pools():
     assert document["defaults"]["hardware"] == {"vcpus": 1, "memory": "128MiB"}
 
 
+def test_inventory_grows_one_pool():
+    document = bench.inventory_document("bench1a2b", "tiny", "128MiB", 3, {"fork": 5})
+    sizes = {method: pool["size"] for method, pool in document["pools"].items()}
+    assert sizes == {"linked": 3, "restore": 3, "fork": 5}
+
+
 def test_arguments_checked():
     with pytest.raises(LabctlError, match="--big 1"):
         bench.run_instant_bench("tiny", count=2, big=1)
