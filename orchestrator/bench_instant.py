@@ -5,7 +5,7 @@ Three pools of the same hardware and user network run on the local host: ``linke
 from the pool's parent VM). Each pool starts at ``count`` desktops. Then one pool at a
 time grows to ``big`` (the inventory is written again with its bigger size and applied,
 which creates only the missing desktops), is measured, and shrinks back to ``count``, so
-the host never holds three pools of ``big`` desktops at once. Everything goes through the same code as
+the host never runs three pools of ``big`` desktops at once. Everything goes through the same code as
 ``labctl apply`` on a throw-away inventory in a temporary directory, and the run
 destroys what it made at the end, also after a failure or Ctrl-C.
 
