@@ -10,7 +10,9 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import posixpath
 import re
+import urllib.parse
 import zoneinfo
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
@@ -151,11 +153,13 @@ URI_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*")
 def _libvirt_uri(value: str) -> str:
     """Reject URIs that make libvirt's client run a program named in the inventory."""
     scheme = value.split("://", 1)[0].lower()
-    query = value.split("?", 1)[1].lower() if "?" in value else ""
-    if scheme.endswith("+ext") or any(
-        part.split("=", 1)[0] in ("command", "netcat", "proxy")
+    query = value.split("?", 1)[1] if "?" in value else ""
+    # libvirt percent-decodes parameter names, so %63ommand= is command= to it.
+    names = {
+        urllib.parse.unquote(part.split("=", 1)[0]).lower()
         for part in query.replace(";", "&").split("&")
-    ):
+    }
+    if scheme.endswith("+ext") or names & {"command", "netcat", "proxy"}:
         raise labctl_error(
             f"libvirt URI {quote(value)} names a program for libvirt to run "
             "(the ext transport, or a command=, netcat= or proxy= parameter)",
@@ -182,6 +186,12 @@ def _absolute_path(value: str) -> str:
     _single_line(value)
     if not value.startswith("/"):
         raise labctl_error(f"path {quote(value)} is not absolute", fix="start it with /")
+    if any(part in (".", "..") for part in value.split("/")):
+        # A '..' hides where the files go; libvirt and labctl's checks see the written text.
+        raise labctl_error(
+            f"path {quote(value)} contains a '.' or '..' component",
+            fix=f"write the path it stands for: {quote(posixpath.normpath(value))}",
+        )
     return value
 
 
@@ -322,7 +332,10 @@ SshPublicKey = Annotated[
 # Sizes: a number of bytes, or a number with a unit. As in libvirt and qemu-img, a bare
 # letter and "iB" are binary (1G = 1GiB = 2**30 bytes) and "B" after the letter is
 # decimal (1GB = 10**9 bytes).
-SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(?:([kKMGTP])(i?)(B?)|(B?))\s*")
+# ASCII digits only, at most 30 before and after the point (fullwidth digits are not sizes).
+SIZE_RE = re.compile(
+    r"\s*(\d{1,30}(?:\.\d{1,30})?)\s*(?:([kKMGTP])(i?)(B?)|(B?))\s*", re.ASCII
+)
 SIZE_UNIT_POWER = {"k": 1, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5}
 SIZE_SCHEMA_PATTERN = r"^\s*\d+(\.\d+)?\s*([kKMGTP]i?B?|B)?\s*$"
 SIZE_EXAMPLES = "512MiB, 4GiB, 1G or 500MB, or a plain number of bytes"
@@ -366,7 +379,9 @@ def _size_range(minimum: int) -> Callable[[int], int]:
                 f"size {format_size(size)} is below the minimum of {format_size(minimum)}"
             )
         if size > MAX_SIZE:
-            raise labctl_error(f"size {size} is above the maximum of {format_size(MAX_SIZE)}")
+            # str() of an int of more than 4300 digits raises, so huge sizes are not shown.
+            shown = str(size) if size.bit_length() <= 128 else "of more than 38 digits"
+            raise labctl_error(f"size {shown} is above the maximum of {format_size(MAX_SIZE)}")
         return size
 
     return check

@@ -19,6 +19,7 @@ the Python stack.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,8 @@ _TEXT_TAGS = {_TAG_PREFIX + "timestamp", _TAG_PREFIX + "merge"}
 _MAP_TAG = _TAG_PREFIX + "map"
 _SEQ_TAG = _TAG_PREFIX + "seq"
 _MERGE_KEY = "<<"
+# YAML 1.1 also reads 010 as octal 8, 1:20 as 80 (base 60), 0x10 and 1_000 as numbers.
+_DECIMAL_RE = re.compile(r"[-+]?(?:0|[1-9][0-9]*)")
 
 
 @dataclass
@@ -244,6 +247,8 @@ class _Builder:
         tag = event.tag
         if tag is None or tag == "!":
             tag = self.loader.resolve(yaml.ScalarNode, event.value, event.implicit)
+            if tag == _TAG_PREFIX + "int" and not _DECIMAL_RE.fullmatch(event.value):
+                raise _ambiguous_int(event.value, mark, path)
         if tag in _TEXT_TAGS:
             return event.value
         method = _SCALAR_TAGS.get(tag)
@@ -338,4 +343,13 @@ def _tag_error(tag: str, mark: Mark, path: KeyPath) -> InventoryError:
         f"{dotted(path)}: the YAML tag {short_tag} is not allowed",
         where=str(mark),
         fix="inventories take plain strings, numbers, booleans, lists and mappings; remove the tag",
+    )
+
+
+def _ambiguous_int(text: str, mark: Mark, path: KeyPath) -> InventoryError:
+    return InventoryError(
+        f"{dotted(path)}: {quote(text)} is a number only in YAML 1.1 (octal with a leading 0, "
+        "base 60 with ':', hex, binary or with '_'), and other YAML readers disagree on it",
+        where=str(mark),
+        fix="write the number in plain decimal digits, or quote it if it is text",
     )
