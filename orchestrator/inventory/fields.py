@@ -360,7 +360,9 @@ def parse_size(value: Any) -> int:
     except InvalidOperation as exc:
         raise labctl_error(f"invalid size {quote(value)}", fix=f"use {SIZE_EXAMPLES}") from exc
     if exact != exact.to_integral_value():
-        raise labctl_error(f"size {quote(value)} is not a whole number of bytes")
+        raise labctl_error(
+            f"size {quote(value)} is not a whole number of bytes", fix="use e.g. 512MiB or 1GiB"
+        )
     return int(exact)
 
 
@@ -376,12 +378,16 @@ def _size_range(minimum: int) -> Callable[[int], int]:
     def check(size: int) -> int:
         if size < minimum:
             raise labctl_error(
-                f"size {format_size(size)} is below the minimum of {format_size(minimum)}"
+                f"size {format_size(size)} is below the minimum of {format_size(minimum)}",
+                fix=f"use {format_size(minimum)} or more",
             )
         if size > MAX_SIZE:
             # str() of an int of more than 4300 digits raises, so huge sizes are not shown.
             shown = str(size) if size.bit_length() <= 128 else "of more than 38 digits"
-            raise labctl_error(f"size {shown} is above the maximum of {format_size(MAX_SIZE)}")
+            raise labctl_error(
+                f"size {shown} is above the maximum of {format_size(MAX_SIZE)}",
+                fix=f"use {format_size(MAX_SIZE)} or less",
+            )
         return size
 
     return check

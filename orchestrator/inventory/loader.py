@@ -123,6 +123,7 @@ def _check_top_level(data: Any, display: str, *, is_main: bool) -> YamlMap:
         raise InventoryError(
             f"the top level must be a mapping of keys such as pools:, got {a_yaml_type(data)}",
             where=f"{display}:{getattr(data, 'mark', Mark(display, 1)).line}",
+            fix="start lines with keys such as pools:, see inventories/demo.yaml",
         )
     for key in data:
         if key not in TOP_LEVEL_KEYS:
@@ -170,6 +171,7 @@ def _includes(
         raise InventoryError(
             f"include: expected a list of file names, got {a_yaml_type(items)}",
             where=str(root.mark_of("include")),
+            fix="write include: [common.yaml] or one '- file.yaml' line per file",
         )
     for index, item in enumerate(items):
         yield _resolve_include(item, items.mark_of(index), display, chain, files)
@@ -180,7 +182,9 @@ def _resolve_include(
 ) -> tuple[str, str]:
     if not isinstance(item, str) or not item or "\x00" in item:
         raise InventoryError(
-            f"include: expected a file name, got {a_yaml_type(item)}", where=str(mark)
+            f"include: expected a file name, got {a_yaml_type(item)}",
+            where=str(mark),
+            fix="write each include as a path relative to this file, such as common.yaml",
         )
     if templating.needs_rendering(item):
         raise InventoryError(
@@ -207,6 +211,12 @@ def _resolve_include(
             f"{target} is included twice, first at {files.included_at[real]}",
             where=str(mark),
             fix="include each file once",
+        )
+    if os.path.isdir(real):
+        raise InventoryError(
+            f"included path {target} is a directory",
+            where=str(mark),
+            fix="include the YAML files in it one by one",
         )
     if not os.path.isfile(real):
         raise InventoryError(

@@ -194,8 +194,9 @@ class _Builder:
         mark = self._mark(event)
         if len(path) > MAX_DEPTH:
             raise InventoryError(
-                f"values are nested deeper than {MAX_DEPTH} levels at {dotted(path)}",
+                f"values are nested deeper than {MAX_DEPTH} levels at {dotted(path[:4])}...",
                 where=str(mark),
+                fix="flatten this value: inventories need only a few levels",
             )
         if isinstance(event, events.AliasEvent):
             return self._alias(event, mark)
@@ -223,6 +224,7 @@ class _Builder:
             raise InventoryError(
                 f"alias *{event.anchor} refers to no anchor &{event.anchor} defined before it",
                 where=str(mark),
+                fix=f"put &{event.anchor} on a value above this line, or remove the alias",
             )
         target = self.anchors[event.anchor]
         if target is None:
@@ -243,12 +245,13 @@ class _Builder:
             raise InventoryError(
                 f"{dotted(path)}: the value is longer than {MAX_SCALAR_CHARS} characters",
                 where=str(mark),
+                fix="shorten it; long scripts and data belong in the image",
             )
         tag = event.tag
         if tag is None or tag == "!":
             tag = self.loader.resolve(yaml.ScalarNode, event.value, event.implicit)
             if tag == _TAG_PREFIX + "int" and not _DECIMAL_RE.fullmatch(event.value):
-                raise _ambiguous_int(event.value, mark, path)
+                raise self._ambiguous_int(event, mark, path)
         if tag in _TEXT_TAGS:
             return event.value
         method = _SCALAR_TAGS.get(tag)
@@ -260,10 +263,28 @@ class _Builder:
         except (ValueError, yaml.YAMLError) as exc:
             # int() refuses numbers of more than 4300 digits; float() can fail too.
             raise InventoryError(
-                f"{dotted(path)}: invalid {tag.removeprefix(_TAG_PREFIX)} {quote(event.value)}",
+                f"{dotted(path)}: the {tag.removeprefix(_TAG_PREFIX)} {quote(event.value)} is "
+                f"{len(event.value)} characters long, too long to read",
                 where=str(mark),
-                fix="quote it if it is meant as text",
+                fix="use a number of a few digits, or quote the value if it is text",
             ) from exc
+
+    def _ambiguous_int(
+        self, event: events.ScalarEvent, mark: Mark, path: KeyPath
+    ) -> InventoryError:
+        text = event.value
+        node = yaml.ScalarNode(_TAG_PREFIX + "int", text, event.start_mark, event.end_mark)
+        value = self.loader.construct_yaml_int(node) if len(text) <= 20 else None
+        fix = "write the number in plain decimal digits, or quote the value if it is text"
+        if value is not None:
+            fix = f"write {value} if you mean that number, or quote the value if it is text"
+        return InventoryError(
+            f"{dotted(path)}: {quote(text)} is {_int_form(text)} in YAML 1.1"
+            f"{f' ({value})' if value is not None else ''}; inventories take plain decimal "
+            "integers, which every YAML reader reads alike",
+            where=str(mark),
+            fix=fix,
+        )
 
     def _sequence(self, mark: Mark, path: KeyPath) -> tuple[YamlList, int]:
         result = YamlList(mark)
@@ -303,6 +324,7 @@ class _Builder:
             raise InventoryError(
                 f"{dotted(path)}: mapping keys must be plain text, not lists, mappings or aliases",
                 where=str(mark),
+                fix="write the key as a word, such as lab:",
             )
         if event.tag not in (None, "!", _TAG_PREFIX + "str"):
             raise _tag_error(event.tag, mark, path)
@@ -346,10 +368,16 @@ def _tag_error(tag: str, mark: Mark, path: KeyPath) -> InventoryError:
     )
 
 
-def _ambiguous_int(text: str, mark: Mark, path: KeyPath) -> InventoryError:
-    return InventoryError(
-        f"{dotted(path)}: {quote(text)} is a number only in YAML 1.1 (octal with a leading 0, "
-        "base 60 with ':', hex, binary or with '_'), and other YAML readers disagree on it",
-        where=str(mark),
-        fix="write the number in plain decimal digits, or quote it if it is text",
-    )
+
+def _int_form(text: str) -> str:
+    """Name the YAML 1.1 integer notation of ``text``, which is not plain decimal."""
+    digits = text.lstrip("+-")
+    if ":" in digits:
+        return "a base-60 number"
+    if digits.startswith(("0x", "0X")):
+        return "a hexadecimal number"
+    if digits.startswith(("0b", "0B")):
+        return "a binary number"
+    if "_" in digits:
+        return "a number with '_' separators"
+    return "an octal number"
