@@ -93,8 +93,10 @@ def read_text(path: Path, display: str) -> str:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
         raise InventoryError(
-            f"the file is not valid UTF-8 (byte {exc.start})",
+            f"the file is not valid UTF-8: byte 0x{data[exc.start]:02X} at line {line}, "
+            f"column {column}",
             where=f"{display}:{line}",
             fix="save it as UTF-8",
         ) from exc
