@@ -22,26 +22,16 @@ import os
 import re
 import signal
 import threading
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-import yaml
 
 from conftest import URI, run_labctl
-from orchestrator import cli, paths, render
-from orchestrator.domain import DiskLayer, render_domain
+from orchestrator import cli, paths
 from orchestrator.hosts.connection import open_connection
-from orchestrator.identity.desktop import build_seed
-from orchestrator.identity.keys import KeyPair
 from orchestrator.inventory import load_inventory
-from orchestrator.plan import desktop_requests
-from orchestrator.provision.desktop import Provisioning, os_volume_name, seed_volume_name
-from orchestrator.state import metadata
-from orchestrator.storage.pool import volume_xml
-from orchestrator.storage.replica import Replica
+from roundtrip import check_inventory_renders
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS_DIR = "tests/hostile"
@@ -62,10 +52,6 @@ HEADER_RE = re.compile(
     r"\A\ufeff?# hostile: (?P<idea>.+)\n# expect: (?P<expect>.+)\n# fix: (?P<fix>.+)\n"
 )
 WHERE_RE = re.compile(r"(?:(?P<file>[\w./-]+\.yaml):)?(?P<line>\d+): (?P<message>.+)")
-ACCESS_KEY = KeyPair(
-    private="not a real key",
-    public="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHAsXFunclld4td10BFg26PQy/4QNsn69so7DdOIVZAE lab",
-)
 
 
 @dataclass(frozen=True)
@@ -275,74 +261,7 @@ def test_accepted_validates(path, capsys, monkeypatch, host_unchanged):
     assert out.startswith(f"{display(path)}: valid: inventory hz-accept-")
 
 
-def provisioning(request, storage_path: str) -> Provisioning:
-    """The real provisioning steps' state for ``request``, without a libvirt host."""
-    ctx = SimpleNamespace(
-        domain_type="qemu", emulator="/usr/bin/qemu-system-x86_64",
-        allocator=SimpleNamespace(mac=lambda: "52:54:00:4a:7a:01", ssh_port=lambda: 22001),
-    )
-    prov = Provisioning(ctx=ctx, request=request, access_key=ACCESS_KEY, on_event=print)
-    prov.replica = Replica(DiskLayer(f"{storage_path}/labctl-replica-0123.qcow2", "qcow2"))
-    prov.os_disk = f"{storage_path}/{os_volume_name(request.name)}"
-    prov.seed = f"{storage_path}/{seed_volume_name(request.name)}"
-    prov.make_identity()
-    return prov
-
-
 @pytest.mark.parametrize("path", ACCEPTED, ids=[path.stem for path in ACCEPTED])
 def test_accepted_values_round_trip(path):
     """Each hostile value comes back unchanged from the XML and the seed it is rendered into."""
-    inventory = load_inventory(path)
-    requests = desktop_requests(inventory, dict.fromkeys(inventory.images), {})
-    assert requests
-    for request in requests:
-        host = inventory.hosts[request.host]
-        prov = provisioning(request, host.storage.path)
-        check_seed(prov)
-        check_domain(prov)
-        check_volume(prov)
-        pool = ET.fromstring(render.render("pool.xml.j2", name=host.storage.pool,
-                                           path=host.storage.path))
-        assert (pool.findtext("name"), pool.findtext("target/path")) == (
-            host.storage.pool, host.storage.path)
-
-
-def check_seed(prov: Provisioning) -> None:
-    identity = prov.identity
-    files = {item.path: item.data for item in build_seed(identity).files}
-    user_data = yaml.safe_load(files["user-data"])
-    meta_data = yaml.safe_load(files["meta-data"])
-    assert meta_data == {"instance-id": identity.instance_id,
-                         "local-hostname": identity.hostname}
-    assert (user_data["hostname"], user_data["fqdn"]) == (identity.hostname, identity.fqdn)
-    assert user_data.get("runcmd", []) == list(prov.request.run_once)
-    users = [{"name": user["name"], "shell": user["shell"],
-              "keys": user["ssh_authorized_keys"], "passwd": user.get("passwd", "")}
-             for user in user_data["users"]]
-    assert users == [{"name": user.name, "shell": user.shell,
-                      "keys": list(user.ssh_authorized_keys), "passwd": user.password_hash}
-                     for user in identity.users]
-
-
-def check_domain(prov: Provisioning) -> None:
-    record = prov.build_record()
-    domain = ET.fromstring(render_domain(prov.domain_spec(record)))
-    assert domain.findtext("name") == prov.request.name
-    sources = [disk.find("source").get("file") for disk in domain.iter("disk")]
-    assert sources == [prov.os_disk, prov.seed]
-    backing = domain.find("devices/disk/backingStore/source")
-    if prov.request.clone == "linked":
-        assert backing.get("file") == prov.replica.disk.path
-    nics = [(nic.get("type"), nic.find("source").attrib) for nic in domain.iter("interface")]
-    if prov.request.network.mode in ("network", "bridge"):
-        mode = prov.request.network.mode
-        assert nics == [(mode, {mode: prov.request.network.source})]
-    stored = domain.find("metadata/{urn:labctl:desktop:1}desktop")
-    assert metadata.from_xml(ET.tostring(stored, encoding="unicode")) == record
-
-
-def check_volume(prov: Provisioning) -> None:
-    name = os_volume_name(prov.request.name)
-    volume = ET.fromstring(volume_xml(name, 1 << 30, "qcow2", backing=prov.replica.disk))
-    assert volume.findtext("name") == name
-    assert volume.findtext("backingStore/path") == prov.replica.disk.path
+    check_inventory_renders(load_inventory(path))
