@@ -1,9 +1,10 @@
 """Render a loaded inventory's desktops as provisioning would, and parse every value back.
 
-``check_inventory_renders`` builds each desktop's request with the planner's own code,
-runs the provisioning identity step with a stand-in host (no libvirt), renders the
-NoCloud seed, the domain, volume and storage pool XML, parses them with yaml.safe_load
-and xml.etree, and asserts that every value comes back exactly as the inventory gave it.
+``check_inventory_renders`` builds each desktop's request with the planner's own code
+and runs the provisioning identity step with a stand-in host (no libvirt). Then it
+renders the NoCloud seed and the domain, volume and storage pool XML, parses them with
+yaml.safe_load and xml.etree, and asserts that every value comes back exactly as the
+inventory gave it.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 The loader may only raise LabctlError subclasses, whatever bytes it reads. A hostile
 value placed at any string field of a valid inventory is either rejected with a one-line
-InventoryError at a FILE:LINE, or accepted unchanged, and then it comes back unchanged
-from the cloud-init seed (yaml.safe_load) and from the domain, volume and storage pool
-XML (xml.etree) that provisioning renders from it (tests/roundtrip.py).
+InventoryError at a FILE:LINE, or accepted unchanged. An accepted value must come back
+unchanged from the cloud-init seed (yaml.safe_load) and from the domain, volume and
+storage pool XML (xml.etree) that provisioning renders from it (tests/roundtrip.py).
 LABCTL_FUZZ_EXAMPLES sets the number of examples per test (default 150).
 """
 
@@ -37,8 +37,9 @@ KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHAsXFunclld4td10BFg26PQy/4QNsn69so7D
 PIECES = [
     "<", ">", "&", "]]>", "<![CDATA[", "&amp;", "&#0;", '"', "'", "\n", "\r", "\r\n", "\t",
     "$(reboot)", "`id`", ";", "|", "&&", "../", "/", "..", ".", "~", "\x00", "\x07", "\x1b[2J",
-    "\x7f", "\x85", "\u2028", "\ufeff", "\u202e", "\U0001f600", "- ", ": ", " #", "!!python/name:os.system",
-    "*a", "&a", "{n}", "{name}", "{pool}", "%s", "%", "\\", "null", "yes", " ", "-", "_", "a", "Z", "0",
+    "\x7f", "\x85", "\u2028", "\ufeff", "\u202e", "\U0001f600", "- ", ": ", " #",
+    "!!python/name:os.system", "*a", "&a", "{n}", "{name}", "{pool}", "%s", "%", "\\", "null",
+    "yes", " ", "-", "_", "a", "Z", "0",
 ]
 HOSTILE = st.lists(st.sampled_from(PIECES) | st.text(max_size=4), max_size=10).map("".join)
 # Jinja markers are rendered, not kept: see test_fuzz_jinja_values for those.
@@ -101,7 +102,8 @@ def load_or_error(path: Path):
         return load_inventory(path)
     except InventoryError as error:
         assert error.message, "an error without a message"
-        assert "\n" not in str(error) and "\r" not in str(error), repr(str(error))
+        assert "\n" not in str(error), repr(str(error))
+        assert "\r" not in str(error), repr(str(error))
         assert re.fullmatch(rf"{re.escape(str(path))}:\d+", error.where or ""), error.where
         return None
 

@@ -1,4 +1,4 @@
-"""The hostile-input corpus (tests/hostile/): each inventory is refused with its exact error.
+"""The hostile-input corpus (tests/hostile/): each inventory is rejected with its exact error.
 
 Every file in tests/hostile/ carries one hostile idea and its expected error in a
 three-line header::
@@ -118,7 +118,7 @@ def run_in_process(capsys, *args: str, seconds: float = 20) -> tuple[int, str, s
     return code, out, err
 
 
-def assert_refused(expected: Expected, code: int, out: str, err: str) -> None:
+def assert_rejected(expected: Expected, code: int, out: str, err: str) -> None:
     assert "Traceback" not in err, err
     assert code == 2, f"exit code {code}, stderr: {err!r}"
     assert out == "", f"nothing belongs on stdout, got {out!r}"
@@ -205,7 +205,7 @@ def test_rejected_exactly(path, capsys, monkeypatch, host_unchanged):
     monkeypatch.chdir(REPO)
     expected = expected_error(path)
     for command in ("validate", "plan"):
-        assert_refused(expected, *run_in_process(capsys, command, display(path)))
+        assert_rejected(expected, *run_in_process(capsys, command, display(path)))
 
 
 @pytest.mark.parametrize("stem", CLI_SAMPLE)
@@ -215,11 +215,11 @@ def test_rejected_by_real_process(stem, host_unchanged):
     expected = expected_error(path)
     for command in ("validate", "plan"):
         result = run_labctl(command, display(path), timeout=60)
-        assert_refused(expected, result.returncode, result.stdout, result.stderr)
+        assert_rejected(expected, result.returncode, result.stdout, result.stderr)
 
 
-def test_include_symlink_outside_refused(tmp_path, capsys, monkeypatch, host_unchanged):
-    """A symlink to a file outside the directory is refused before the file is read."""
+def test_include_symlink_outside_rejected(tmp_path, capsys, monkeypatch, host_unchanged):
+    """A symlink to a file outside the directory is rejected before the file is read."""
     secret = tmp_path / "secret" / "outside.yaml"
     secret.parent.mkdir()
     secret.write_text("pools: {}\n")
@@ -232,11 +232,11 @@ def test_include_symlink_outside_refused(tmp_path, capsys, monkeypatch, host_unc
         f"include: 'link.yaml' is outside the main inventory's directory {main.parent}",
         "keep included files in the main inventory's directory or below it",
     )
-    assert_refused(expected, *run_in_process(capsys, "validate", str(main)))
+    assert_rejected(expected, *run_in_process(capsys, "validate", str(main)))
 
 
 def test_control_characters_in_file_name(tmp_path, capsys, monkeypatch, host_unchanged):
-    """A newline or escape in the inventory's own path is refused, in one line: the path
+    """A newline or escape in the inventory's own path is rejected, in one line: the path
     would otherwise break the error line and the XML metadata that records it."""
     monkeypatch.chdir(tmp_path)
     Path("a\nb\x1b[2J").mkdir()

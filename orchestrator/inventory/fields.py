@@ -383,9 +383,9 @@ def _size_range(minimum: int) -> Callable[[int], int]:
             )
         if size > MAX_SIZE:
             # str() of an int of more than 4300 digits raises, so huge sizes are not shown.
-            shown = str(size) if size.bit_length() <= 128 else "of more than 38 digits"
+            size_text = str(size) if size.bit_length() <= 128 else "of more than 38 digits"
             raise labctl_error(
-                f"size {shown} is above the maximum of {format_size(MAX_SIZE)}",
+                f"size {size_text} is above the maximum of {format_size(MAX_SIZE)}",
                 fix=f"use {format_size(MAX_SIZE)} or less",
             )
         return size

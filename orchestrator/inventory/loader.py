@@ -82,7 +82,7 @@ def _load_files(display: str, files: _Files) -> YamlMap:
 
 
 def _check_file_name(display: str) -> None:
-    """Refuse a path that cannot go into a desktop's XML metadata (it records the path)."""
+    """Reject a path that cannot go into a desktop's XML metadata (it records the path)."""
     if any(_unsafe_in_path(char) for char in display):
         raise InventoryError(
             f"the inventory's path {quote(display)} contains control characters or bytes "

@@ -2,17 +2,17 @@
 
 Jinja2's own sandbox blocks Python internals. An inventory value can still ask for a
 string of 10**10 characters (``'x' | center(n)``, ``'%0*d'``, ``zfill``), an integer of
-billions of digits (``(10 ** 200) ** 200``) or 10**10 loop iterations. This sandbox
-refuses those before the work is done:
+billions of digits (``((10 ** 200) ** 200) ** 200``) or 10**10 loop iterations. This sandbox
+rejects those before the work is done:
 
 - ``*``, ``**`` and ``%`` are checked before they run (long repeats, huge integers,
   format widths);
 - string methods are an allowlist, and ``replace`` and ``join`` are checked by the length
   of what they would return;
 - filters are an allowlist, with ``replace`` and ``join`` checked the same way, and no
-  call takes an integer above ``MAX_TEXT``;
+  call takes an integer above ``MAX_STRING_CHARS``;
 - ``range()`` and ``{% for %}`` loops draw on one budget of items per inventory;
-- ``{% include %}``, ``{% import %}`` and ``{% extends %}`` are refused: a value cannot
+- ``{% include %}``, ``{% import %}`` and ``{% extends %}`` are rejected: a value cannot
   read other files.
 
 NOTE: the budgets bound the number of steps, not the cost of each: a loop body can
@@ -30,7 +30,7 @@ import jinja2
 from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
-MAX_TEXT = 64 * 1024
+MAX_STRING_CHARS = 64 * 1024
 MAX_EXPONENT = 256
 MAX_INT_BITS = 4096
 # Items of range() and of {% for %} loops, summed over all values of one inventory.
@@ -50,7 +50,7 @@ SAFE_FILTERS = frozenset({
     "selectattr", "sort", "string", "striptags", "sum", "title", "trim", "truncate",
     "unique", "upper", "urlencode", "wordcount",
 })
-REFUSED_NODES = (nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)
+FILE_ACCESS_NODES = (nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)
 
 
 class InventorySandbox(ImmutableSandboxedEnvironment):
@@ -99,9 +99,9 @@ class InventorySandbox(ImmutableSandboxedEnvironment):
         return super().call(__context, __obj, *args, **kwargs)
 
     def parse_checked(self, source: str) -> nodes.Template:
-        """Parse ``source``, refuse file access and make its loops draw on the item budget."""
+        """Parse ``source``, reject file access and make its loops draw on the item budget."""
         tree = self.parse(source)
-        for node in tree.find_all(REFUSED_NODES):
+        for node in tree.find_all(FILE_ACCESS_NODES):
             tag = type(node).__name__.lower().replace("fromimport", "from ... import")
             raise SecurityError(f"{{% {tag} %}} is not available in inventory values")
         for loop in tree.find_all(nodes.For):
@@ -141,22 +141,24 @@ def _check_int_bits(left: Any, right: Any, bits: int) -> None:
 
 def _check_repeat(sequence: Any, count: Any) -> None:
     repeats = isinstance(sequence, (str, list, tuple)) and isinstance(count, int)
-    if repeats and len(sequence) * count > MAX_TEXT:
+    if repeats and len(sequence) * count > MAX_STRING_CHARS:
         raise SecurityError("the repeated value would be too long")
 
 
 def _check_arguments(args: Iterable[Any], kwargs: dict[str, Any]) -> None:
     for value in (*args, *kwargs.values()):
-        if _is_int(value) and abs(value) > MAX_TEXT:
-            raise SecurityError(f"the argument {value} is above {MAX_TEXT}")
+        if _is_int(value) and abs(value) > MAX_STRING_CHARS:
+            raise SecurityError(f"the argument {value} is above {MAX_STRING_CHARS}")
 
 
 def _check_format_widths(text: str, args: tuple[Any, ...]) -> None:
-    """Refuse %-conversions wider than MAX_TEXT, also with the width from an argument (*)."""
+    """Reject %-conversions wider than MAX_STRING_CHARS, also with a width argument (``*``)."""
     for width, precision in _CONVERSION_RE.findall(text):
         for number in (width, precision):
-            if number.isdigit() and int(number[:12]) > MAX_TEXT:
-                raise SecurityError(f"a format width in {text[:40]!r} is above {MAX_TEXT}")
+            if number.isdigit() and int(number[:12]) > MAX_STRING_CHARS:
+                raise SecurityError(
+                    f"a format width in {text[:40]!r} is above {MAX_STRING_CHARS}"
+                )
     if "*" in text:
         _check_arguments(args, {})
 
@@ -175,8 +177,8 @@ def _replaced_length(text: str, old: str, new: str) -> int:
 
 
 def _check_length(length: int) -> None:
-    if length > MAX_TEXT:
-        raise SecurityError(f"the result would be longer than {MAX_TEXT} characters")
+    if length > MAX_STRING_CHARS:
+        raise SecurityError(f"the result would be longer than {MAX_STRING_CHARS} characters")
 
 
 def _bounded_filter(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
