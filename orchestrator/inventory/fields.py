@@ -53,11 +53,20 @@ def labctl_error(
     return PydanticCustomError("labctl", "{message}", context)
 
 
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f\ufffe\uffff]")
+
+
 def _text_checks(value: str, *, single_line: bool, limit: int) -> str:
     if "\x00" in value:
         raise labctl_error("contains a NUL character", fix="remove it")
     if single_line and ("\n" in value or "\r" in value):
         raise labctl_error("must be a single line", fix="remove the line break")
+    control = _CONTROL_RE.search(value) if single_line else None
+    if control:
+        # Paths and names go into libvirt's XML, and XML 1.0 cannot carry these at all.
+        raise labctl_error(
+            f"contains the control character U+{ord(control.group()):04X}", fix="remove it"
+        )
     if len(value) > limit:
         raise labctl_error(f"is {len(value)} characters long, more than the maximum of {limit}")
     return value
