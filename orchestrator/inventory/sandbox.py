@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from typing import Any
 
 import jinja2
@@ -33,8 +33,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 MAX_STRING_CHARS = 64 * 1024
 MAX_EXPONENT = 256
 MAX_INT_BITS = 4096
-# Items of range() and of {% for %} loops, summed over all values of one inventory.
-MAX_ITEMS = 200_000
+# Items of range(), of {% for %} loops and of the values that filters and string methods
+# work on, summed over all values of one inventory: about a second of work.
+MAX_ITEMS = 1_000_000
 _CONVERSION_RE = re.compile(r"%[-#0 +]*(\d*|\*)(?:\.(\d*|\*))?")
 
 SAFE_STR_METHODS = frozenset({
@@ -50,6 +51,8 @@ SAFE_FILTERS = frozenset({
     "selectattr", "sort", "string", "striptags", "sum", "title", "trim", "truncate",
     "unique", "upper", "urlencode", "wordcount",
 })
+# lipsum makes text of any size, and a namespace's attributes can grow in a loop.
+REMOVED_GLOBALS = ("lipsum", "namespace")
 FILE_ACCESS_NODES = (nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)
 
 
@@ -62,11 +65,12 @@ class InventorySandbox(ImmutableSandboxedEnvironment):
         super().__init__(undefined=jinja2.StrictUndefined)
         self.items_left = MAX_ITEMS
         self.filters = {
-            name: _bounded_filter(name, function)
+            name: _bounded_filter(name, function, self._spend)
             for name, function in self.filters.items()
             if name in SAFE_FILTERS
         }
-        self.globals.pop("lipsum", None)
+        for name in REMOVED_GLOBALS:
+            self.globals.pop(name, None)
         self.globals["range"] = self._range
         self.globals["_labctl_loop"] = self._loop
 
@@ -85,6 +89,11 @@ class InventorySandbox(ImmutableSandboxedEnvironment):
             _check_format_widths(left, right if isinstance(right, tuple) else (right,))
         return super().call_binop(context, operator, left, right)
 
+    def wrap_str_format(self, value: Any) -> None:
+        # Jinja2 returns str.format and format_map wrapped before it asks is_safe_attribute,
+        # and a format spec such as {:>1000000000} would build a string of that width.
+        return None
+
     def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
         if isinstance(obj, str) and callable(value) and attr not in SAFE_STR_METHODS:
             return False
@@ -95,6 +104,7 @@ class InventorySandbox(ImmutableSandboxedEnvironment):
         _check_arguments(args, kwargs)
         owner = getattr(__obj, "__self__", None)
         if isinstance(owner, str):
+            __self._spend(len(owner))
             _check_str_method(owner, getattr(__obj, "__name__", ""), args)
         return super().call(__context, __obj, *args, **kwargs)
 
@@ -181,8 +191,11 @@ def _check_length(length: int) -> None:
         raise SecurityError(f"the result would be longer than {MAX_STRING_CHARS} characters")
 
 
-def _bounded_filter(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a filter so that no argument is a huge integer; check replace and join."""
+def _bounded_filter(
+    name: str, function: Callable[..., Any], spend: Callable[[int], None]
+) -> Callable[..., Any]:
+    """Wrap a filter: no argument may be a huge integer, the length of its input is spent
+    from the item budget, and replace and join are checked by the length of their result."""
 
     @functools.wraps(function)
     def bounded(*args: Any, **kwargs: Any) -> Any:
@@ -190,6 +203,8 @@ def _bounded_filter(name: str, function: Callable[..., Any]) -> Callable[..., An
         values = [arg for arg in args if not isinstance(arg, (jinja2.runtime.Context,
                                                                   jinja2.nodes.EvalContext,
                                                                   jinja2.Environment))]
+        if values and isinstance(values[0], Sized):
+            spend(len(values[0]))
         if name == "replace" and len(values) >= 3:
             _check_length(_replaced_length(str(values[0]), str(values[1]), str(values[2])))
         elif name == "join" and values and "attribute" not in kwargs:

@@ -28,7 +28,7 @@ from orchestrator.errors import InventoryError
 from orchestrator.inventory.fields import MAX_COMMAND_CHARS, VAR_NAME_RE
 from orchestrator.inventory.messages import did_you_mean, quote, yaml_type
 from orchestrator.inventory.positions import KeyPath, Mark, YamlList, YamlMap, dotted
-from orchestrator.inventory.sandbox import SAFE_FILTERS, InventorySandbox
+from orchestrator.inventory.sandbox import REMOVED_GLOBALS, SAFE_FILTERS, InventorySandbox
 from orchestrator.inventory.yamlparse import NodeBudget
 
 log = logging.getLogger(__name__)
@@ -196,6 +196,12 @@ def _check_undefined(
     )
     if not missing:
         return
+    if missing[0] in REMOVED_GLOBALS:
+        raise InventoryError(
+            f"{dotted(path)}: {missing[0]}() is not available in inventory values",
+            where=str(mark),
+            fix="build the value from variables with ~ and filters",
+        )
     hint = did_you_mean(missing[0], context)
     fix = "define it under vars:"
     if path[:1] == ("vars",):
