@@ -77,7 +77,8 @@ def _load_files(display: str, files: _Files) -> YamlMap:
             fix="check the path, e.g. inventories/demo.yaml",
         )
     files.included_at[real] = display
-    files.top = os.path.dirname(real)
+    # The directory the file is named in: includes are resolved relative to it.
+    files.top = os.path.realpath(os.path.dirname(os.path.abspath(display)))
     return _load_file(display, real, chain=(), files=files)
 
 
