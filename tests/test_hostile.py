@@ -235,6 +235,17 @@ def test_include_symlink_outside_rejected(tmp_path, capsys, monkeypatch, host_un
     assert_rejected(expected, *run_in_process(capsys, "validate", str(main)))
 
 
+def test_include_next_to_symlinked_main(tmp_path):
+    """Includes resolve next to the main file as named, even when it is a symlink."""
+    (tmp_path / "store").mkdir()
+    (tmp_path / "lab").mkdir()
+    (tmp_path / "store" / "real.yaml").write_text("name: linked\ninclude: common.yaml\n")
+    (tmp_path / "lab" / "common.yaml").write_text("images: {img: {build: tiny}}\n")
+    (tmp_path / "lab" / "main.yaml").symlink_to(tmp_path / "store" / "real.yaml")
+    inventory = load_inventory(tmp_path / "lab" / "main.yaml")
+    assert inventory.images["img"].build == "tiny"
+
+
 def test_control_characters_in_file_name(tmp_path, capsys, monkeypatch, host_unchanged):
     """A newline or escape in the inventory's own path is rejected, in one line: the path
     would otherwise break the error line and the XML metadata that records it."""
