@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import signal
 import sys
 
@@ -67,6 +68,18 @@ def _rolling_back(_signum: int, _frame: object) -> None:
     print("labctl: rolling back the interrupted desktops, please wait", file=sys.stderr)
 
 
+_LINE_BREAKING = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def one_line(text: str) -> str:
+    """Escape line breaks and control characters, so an error is one line on a terminal.
+
+    Messages quote the values they name, but a path given on the command line or a
+    libvirt message may still hold a newline or a terminal escape sequence.
+    """
+    return _LINE_BREAKING.sub(lambda match: ascii(match.group())[1:-1], text)
+
+
 def main(argv: list[str] | None = None) -> int:
     # Exit quietly when the reader of a pipe (head, less) goes away, as Unix tools do.
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
@@ -86,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except LabctlError as exc:
-        print(f"labctl: error: {exc}", file=sys.stderr)
+        print(f"labctl: error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("labctl: interrupted; desktops that were being provisioned were rolled back",

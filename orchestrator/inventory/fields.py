@@ -10,7 +10,9 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import posixpath
 import re
+import urllib.parse
 import zoneinfo
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
@@ -51,11 +53,20 @@ def labctl_error(
     return PydanticCustomError("labctl", "{message}", context)
 
 
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f\ufffe\uffff]")
+
+
 def _text_checks(value: str, *, single_line: bool, limit: int) -> str:
     if "\x00" in value:
         raise labctl_error("contains a NUL character", fix="remove it")
     if single_line and ("\n" in value or "\r" in value):
         raise labctl_error("must be a single line", fix="remove the line break")
+    control = _CONTROL_RE.search(value) if single_line else None
+    if control:
+        # Paths and names go into libvirt's XML, and XML 1.0 cannot carry these at all.
+        raise labctl_error(
+            f"contains the control character U+{ord(control.group()):04X}", fix="remove it"
+        )
     if len(value) > limit:
         raise labctl_error(f"is {len(value)} characters long, more than the maximum of {limit}")
     return value
@@ -151,11 +162,13 @@ URI_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*")
 def _libvirt_uri(value: str) -> str:
     """Reject URIs that make libvirt's client run a program named in the inventory."""
     scheme = value.split("://", 1)[0].lower()
-    query = value.split("?", 1)[1].lower() if "?" in value else ""
-    if scheme.endswith("+ext") or any(
-        part.split("=", 1)[0] in ("command", "netcat", "proxy")
+    query = value.split("?", 1)[1] if "?" in value else ""
+    # libvirt percent-decodes parameter names, so %63ommand= is command= to it.
+    names = {
+        urllib.parse.unquote(part.split("=", 1)[0]).lower()
         for part in query.replace(";", "&").split("&")
-    ):
+    }
+    if scheme.endswith("+ext") or names & {"command", "netcat", "proxy"}:
         raise labctl_error(
             f"libvirt URI {quote(value)} names a program for libvirt to run "
             "(the ext transport, or a command=, netcat= or proxy= parameter)",
@@ -182,6 +195,12 @@ def _absolute_path(value: str) -> str:
     _single_line(value)
     if not value.startswith("/"):
         raise labctl_error(f"path {quote(value)} is not absolute", fix="start it with /")
+    if any(part in (".", "..") for part in value.split("/")):
+        # A '..' hides where the files go; libvirt and labctl's checks see the written text.
+        raise labctl_error(
+            f"path {quote(value)} contains a '.' or '..' component",
+            fix=f"write the path it stands for: {quote(posixpath.normpath(value))}",
+        )
     return value
 
 
@@ -322,7 +341,10 @@ SshPublicKey = Annotated[
 # Sizes: a number of bytes, or a number with a unit. As in libvirt and qemu-img, a bare
 # letter and "iB" are binary (1G = 1GiB = 2**30 bytes) and "B" after the letter is
 # decimal (1GB = 10**9 bytes).
-SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(?:([kKMGTP])(i?)(B?)|(B?))\s*")
+# ASCII digits only, at most 30 before and after the point (fullwidth digits are not sizes).
+SIZE_RE = re.compile(
+    r"\s*(\d{1,30}(?:\.\d{1,30})?)\s*(?:([kKMGTP])(i?)(B?)|(B?))\s*", re.ASCII
+)
 SIZE_UNIT_POWER = {"k": 1, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5}
 SIZE_SCHEMA_PATTERN = r"^\s*\d+(\.\d+)?\s*([kKMGTP]i?B?|B)?\s*$"
 SIZE_EXAMPLES = "512MiB, 4GiB, 1G or 500MB, or a plain number of bytes"
@@ -347,7 +369,9 @@ def parse_size(value: Any) -> int:
     except InvalidOperation as exc:
         raise labctl_error(f"invalid size {quote(value)}", fix=f"use {SIZE_EXAMPLES}") from exc
     if exact != exact.to_integral_value():
-        raise labctl_error(f"size {quote(value)} is not a whole number of bytes")
+        raise labctl_error(
+            f"size {quote(value)} is not a whole number of bytes", fix="use e.g. 512MiB or 1GiB"
+        )
     return int(exact)
 
 
@@ -363,10 +387,16 @@ def _size_range(minimum: int) -> Callable[[int], int]:
     def check(size: int) -> int:
         if size < minimum:
             raise labctl_error(
-                f"size {format_size(size)} is below the minimum of {format_size(minimum)}"
+                f"size {format_size(size)} is below the minimum of {format_size(minimum)}",
+                fix=f"use {format_size(minimum)} or more",
             )
         if size > MAX_SIZE:
-            raise labctl_error(f"size {size} is above the maximum of {format_size(MAX_SIZE)}")
+            # str() of an int of more than 4300 digits raises, so huge sizes are not shown.
+            size_text = str(size) if size.bit_length() <= 128 else "of more than 38 digits"
+            raise labctl_error(
+                f"size {size_text} is above the maximum of {format_size(MAX_SIZE)}",
+                fix=f"use {format_size(MAX_SIZE)} or less",
+            )
         return size
 
     return check

@@ -20,7 +20,7 @@ from typing import Any
 from orchestrator.errors import InventoryError
 from orchestrator.inventory import checks, templating, validation
 from orchestrator.inventory.fields import INVENTORY_NAME_RE, INVENTORY_NAME_RULE
-from orchestrator.inventory.messages import a_yaml_type, did_you_mean
+from orchestrator.inventory.messages import a_yaml_type, did_you_mean, quote
 from orchestrator.inventory.model import Inventory
 from orchestrator.inventory.positions import Mark, PositionTable, YamlList, YamlMap
 from orchestrator.inventory.yamlparse import NodeBudget, parse_yaml, read_text
@@ -59,13 +59,16 @@ def load_inventory(path: str | Path) -> Inventory:
 
 @dataclass
 class _Files:
-    """State of the include walk: the shared node budget and the include line of each file."""
+    """State of the include walk: the shared node budget, the include line of each file and
+    the main file's directory, which includes may not leave."""
 
     budget: NodeBudget = field(default_factory=NodeBudget)
     included_at: dict[str, str] = field(default_factory=dict)
+    top: str = "/"
 
 
 def _load_files(display: str, files: _Files) -> YamlMap:
+    _check_file_name(display)
     real = os.path.realpath(display)
     if not os.path.exists(real):
         raise InventoryError(
@@ -74,7 +77,25 @@ def _load_files(display: str, files: _Files) -> YamlMap:
             fix="check the path, e.g. inventories/demo.yaml",
         )
     files.included_at[real] = display
+    # The directory the file is named in: includes are resolved relative to it.
+    files.top = os.path.realpath(os.path.dirname(os.path.abspath(display)))
     return _load_file(display, real, chain=(), files=files)
+
+
+def _check_file_name(display: str) -> None:
+    """Reject a path that cannot go into a desktop's XML metadata (it records the path)."""
+    if any(_unsafe_in_path(char) for char in display):
+        raise InventoryError(
+            f"the inventory's path {quote(display)} contains control characters or bytes "
+            "that are not UTF-8",
+            fix="rename the file or its directory",
+        )
+
+
+def _unsafe_in_path(char: str) -> bool:
+    # C0 and C1 controls, DEL, and the surrogates Python decodes undecodable bytes to.
+    code = ord(char)
+    return code < 0x20 or 0x7F <= code < 0xA0 or 0xD800 <= code < 0xE000
 
 
 def _load_file(display: str, real: str, chain: tuple[str, ...], files: _Files) -> YamlMap:
@@ -103,6 +124,7 @@ def _check_top_level(data: Any, display: str, *, is_main: bool) -> YamlMap:
         raise InventoryError(
             f"the top level must be a mapping of keys such as pools:, got {a_yaml_type(data)}",
             where=f"{display}:{getattr(data, 'mark', Mark(display, 1)).line}",
+            fix="start lines with keys such as pools:, see inventories/demo.yaml",
         )
     for key in data:
         if key not in TOP_LEVEL_KEYS:
@@ -150,6 +172,7 @@ def _includes(
         raise InventoryError(
             f"include: expected a list of file names, got {a_yaml_type(items)}",
             where=str(root.mark_of("include")),
+            fix="write include: [common.yaml] or one '- file.yaml' line per file",
         )
     for index, item in enumerate(items):
         yield _resolve_include(item, items.mark_of(index), display, chain, files)
@@ -160,7 +183,9 @@ def _resolve_include(
 ) -> tuple[str, str]:
     if not isinstance(item, str) or not item or "\x00" in item:
         raise InventoryError(
-            f"include: expected a file name, got {a_yaml_type(item)}", where=str(mark)
+            f"include: expected a file name, got {a_yaml_type(item)}",
+            where=str(mark),
+            fix="write each include as a path relative to this file, such as common.yaml",
         )
     if templating.needs_rendering(item):
         raise InventoryError(
@@ -170,6 +195,13 @@ def _resolve_include(
         )
     target = os.path.normpath(os.path.join(os.path.dirname(display), item))
     real = os.path.realpath(target)
+    if os.path.commonpath([files.top, real]) != files.top:
+        # An include may not read /etc/passwd or a file next to someone else's inventory.
+        raise InventoryError(
+            f"include: {quote(item)} is outside the main inventory's directory {files.top}",
+            where=str(mark),
+            fix="keep included files in the main inventory's directory or below it",
+        )
     if real in (os.path.realpath(step) for step in chain):
         cycle = " -> ".join((*chain, target))
         raise InventoryError(
@@ -180,6 +212,12 @@ def _resolve_include(
             f"{target} is included twice, first at {files.included_at[real]}",
             where=str(mark),
             fix="include each file once",
+        )
+    if os.path.isdir(real):
+        raise InventoryError(
+            f"included path {target} is a directory",
+            where=str(mark),
+            fix="include the YAML files in it one by one",
         )
     if not os.path.isfile(real):
         raise InventoryError(

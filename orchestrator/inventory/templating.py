@@ -6,13 +6,15 @@ FILE:LINE. A value that is exactly one ``{{ expression }}`` keeps the expression
 type (``size: "{{ seats }}"`` gives an integer), as in Ansible. Single braces such as
 the ``{n}`` of naming patterns are not Jinja and pass through unchanged.
 
-NOTE: the sandbox blocks access to Python internals and bounds ``*``, ``**`` and
-``range()``. It does not bound the CPU time of nested loops, so inventories must come
-from the operator, not from untrusted users.
+The sandbox (orchestrator.inventory.sandbox) blocks Python internals and other files,
+and bounds the size of strings and integers and the number of loop steps; the output
+of a template is cut off past MAX_RENDERED_CHARS. NOTE: a hostile value can still cost
+some seconds of CPU, so inventories should come from the operator, not untrusted users.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Callable
@@ -26,37 +28,18 @@ from orchestrator.errors import InventoryError
 from orchestrator.inventory.fields import MAX_COMMAND_CHARS, VAR_NAME_RE
 from orchestrator.inventory.messages import did_you_mean, quote, yaml_type
 from orchestrator.inventory.positions import KeyPath, Mark, YamlList, YamlMap, dotted
+from orchestrator.inventory.sandbox import REMOVED_GLOBALS, SAFE_FILTERS, InventorySandbox
 from orchestrator.inventory.yamlparse import NodeBudget
 
 log = logging.getLogger(__name__)
 
 MAX_RENDERED_CHARS = MAX_COMMAND_CHARS
-MAX_EXPONENT = 256
+# A templated value longer than this is not a real inventory's: it would only multiply
+# the cost of expressions such as {{ s ~ s ~ s ~ ... }}.
+MAX_TEMPLATE_CHARS = 8192
 # Templated strings rendered per inventory, each use counted; far above a real inventory.
 MAX_RENDERS = 20_000
 _SINGLE_EXPRESSION_RE = re.compile(r"\s*\{\{(?P<expr>(?:(?!\{\{|\}\}).)*)\}\}\s*", re.S)
-
-
-class _InventoryEnvironment(SandboxedEnvironment):
-    """Sandbox that also rejects huge strings, lists and numbers built with ``*`` and ``**``."""
-
-    intercepted_binops = frozenset({"*", "**"})
-
-    def call_binop(
-        self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any
-    ) -> Any:
-        if operator == "*":
-            _check_repeat(left, right)
-            _check_repeat(right, left)
-        elif isinstance(right, int) and abs(right) > MAX_EXPONENT:
-            raise jinja2.sandbox.SecurityError(f"exponent {right} is above {MAX_EXPONENT}")
-        return super().call_binop(context, operator, left, right)
-
-
-def _check_repeat(sequence: Any, count: Any) -> None:
-    repeats = isinstance(sequence, (str, list, tuple)) and isinstance(count, int)
-    if repeats and len(sequence) * count > MAX_RENDERED_CHARS:
-        raise jinja2.sandbox.SecurityError("the repeated value would be too long")
 
 
 def needs_rendering(text: str) -> bool:
@@ -72,7 +55,7 @@ class Renderer:
     """
 
     def __init__(self, budget: NodeBudget) -> None:
-        self.environment = _InventoryEnvironment(undefined=jinja2.StrictUndefined)
+        self.environment = InventorySandbox()
         self.budget = budget
         self.renders = 0
         self._templates: dict[str, tuple[Callable[..., Any], frozenset[str]]] = {}
@@ -122,12 +105,25 @@ class Renderer:
             raise InventoryError(
                 f"the inventory has more than {MAX_RENDERS} templated values", where=str(mark)
             )
+        if len(text) > MAX_TEMPLATE_CHARS:
+            raise InventoryError(
+                f"{dotted(path)}: a value with {{{{ }}}} or {{% %}} is longer than "
+                f"{MAX_TEMPLATE_CHARS} characters",
+                where=str(mark),
+                fix="shorten it, or move the long text into a variable of its own",
+            )
         try:
             render, names = self._compile(text)
             _check_undefined(names, context, self.environment, path, mark)
             result = render({name: context[name] for name in names if name in context})
         except InventoryError:
             raise
+        except jinja2.TemplateAssertionError as exc:
+            raise InventoryError(
+                f"{dotted(path)}: {exc.message}",
+                where=str(mark),
+                fix=f"inventory values take these filters: {', '.join(sorted(SAFE_FILTERS))}",
+            ) from None
         except jinja2.TemplateSyntaxError as exc:
             raise InventoryError(
                 f"{dotted(path)}: invalid template: {exc.message}",
@@ -146,6 +142,7 @@ class Renderer:
             raise InventoryError(
                 f"{dotted(path)}: the template failed: {type(exc).__name__}: {reason}",
                 where=str(mark),
+                fix="simplify the expression; inventory values are rendered in a bounded sandbox",
             ) from None
         _check_result(result, path, mark)
         if isinstance(result, (dict, list)):
@@ -158,7 +155,8 @@ class Renderer:
         cached = self._templates.get(text)
         if cached is not None:
             return cached
-        names = frozenset(meta.find_undeclared_variables(self.environment.parse(text)))
+        tree = self.environment.parse_checked(text)
+        names = frozenset(meta.find_undeclared_variables(tree))
         single = _SINGLE_EXPRESSION_RE.fullmatch(text)
         if single:
             expression = self.environment.compile_expression(
@@ -166,10 +164,24 @@ class Renderer:
             )
             compiled = (lambda variables: expression(**variables)), names
         else:
-            template = self.environment.from_string(text)
-            compiled = template.render, names
+            template = self.environment.from_string(tree)
+            compiled = functools.partial(_render_bounded, template), names
         self._templates[text] = compiled
         return compiled
+
+
+def _render_bounded(template: jinja2.Template, variables: dict[str, Any]) -> str:
+    """Render ``template``, stopping as soon as its output passes MAX_RENDERED_CHARS."""
+    parts: list[str] = []
+    length = 0
+    for part in template.generate(variables):
+        length += len(part)
+        if length > MAX_RENDERED_CHARS:
+            raise jinja2.sandbox.SecurityError(
+                f"the output would be longer than {MAX_RENDERED_CHARS} characters"
+            )
+        parts.append(part)
+    return "".join(parts)
 
 
 def _check_undefined(
@@ -184,6 +196,12 @@ def _check_undefined(
     )
     if not missing:
         return
+    if missing[0] in REMOVED_GLOBALS:
+        raise InventoryError(
+            f"{dotted(path)}: {missing[0]}() is not available in inventory values",
+            where=str(mark),
+            fix="build the value from variables with ~ and filters",
+        )
     hint = did_you_mean(missing[0], context)
     fix = "define it under vars:"
     if path[:1] == ("vars",):

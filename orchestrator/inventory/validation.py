@@ -78,7 +78,8 @@ def to_inventory_error(
         bound = "at least" if kind == "greater_than_equal" else "at most"
         limit = context.get("ge", context.get("le"))
         got = _shown(path, error.get("input"))
-        return _error(path, f"must be {bound} {limit}, got {got}", positions)
+        fix = f"use {limit} or {'more' if kind == 'greater_than_equal' else 'less'}"
+        return _error(path, f"must be {bound} {limit}, got {got}", positions, fix)
     return _error(path, error.get("msg", "is invalid"), positions)
 
 
@@ -122,13 +123,24 @@ def _shown(path: KeyPath, value: Any) -> str:
 
 
 def _wrong_type(path: KeyPath, kind: str, value: Any, positions: PositionTable) -> InventoryError:
-    fix = None
-    if kind == "string_type" and isinstance(value, (int, float, bool)):
-        fix = "quote the value to make it a string"
-    elif kind == "int_type" and isinstance(value, str):
-        fix = "write the number without quotes"
     message = f"expected {EXPECTED[kind]}, got {_shown(path, value)}"
-    return _error(path, message, positions, fix)
+    return _error(path, message, positions, _type_fix(kind, value))
+
+
+def _type_fix(kind: str, value: Any) -> str:
+    if kind == "string_type" and isinstance(value, (int, float, bool)):
+        return "quote the value to make it a string"
+    if kind == "string_type" and isinstance(value, dict):
+        return "quote the whole value: YAML reads 'word: text' as a mapping"
+    if kind == "int_type" and isinstance(value, str):
+        return "write the number without quotes"
+    if kind == "int_type":
+        return "write a whole number such as 2"
+    if kind == "list_type":
+        return "write a list: [a, b] or one '- item' line per entry"
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        return "write indented 'key: value' lines below this key"
+    return f"write {EXPECTED[kind]} here"
 
 
 def _not_a_choice(
@@ -152,7 +164,10 @@ def _bad_mode(path: KeyPath, context: dict[str, Any], positions: PositionTable) 
         return _error(
             mode_path, "is missing", positions, f"add {DISCRIMINATOR}: {join_choices(choices)}"
         )
-    hint = did_you_mean(str(tag), choices)
+    hint = did_you_mean(str(tag), choices) or (
+        "use user (QEMU user networking), network (an existing libvirt network) or "
+        "bridge (an existing host bridge)"
+    )
     return _error(
         mode_path,
         f"unknown network mode {quote(tag)}; expected {join_choices(choices)}",

@@ -19,6 +19,7 @@ the Python stack.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,8 @@ _TEXT_TAGS = {_TAG_PREFIX + "timestamp", _TAG_PREFIX + "merge"}
 _MAP_TAG = _TAG_PREFIX + "map"
 _SEQ_TAG = _TAG_PREFIX + "seq"
 _MERGE_KEY = "<<"
+# YAML 1.1 also reads 010 as octal 8, 1:20 as 80 (base 60), 0x10 and 1_000 as numbers.
+_DECIMAL_RE = re.compile(r"[-+]?(?:0|[1-9][0-9]*)")
 
 
 @dataclass
@@ -90,8 +93,10 @@ def read_text(path: Path, display: str) -> str:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
         raise InventoryError(
-            f"the file is not valid UTF-8 (byte {exc.start})",
+            f"the file is not valid UTF-8: byte 0x{data[exc.start]:02X} at line {line}, "
+            f"column {column}",
             where=f"{display}:{line}",
             fix="save it as UTF-8",
         ) from exc
@@ -191,8 +196,9 @@ class _Builder:
         mark = self._mark(event)
         if len(path) > MAX_DEPTH:
             raise InventoryError(
-                f"values are nested deeper than {MAX_DEPTH} levels at {dotted(path)}",
+                f"values are nested deeper than {MAX_DEPTH} levels at {dotted(path[:4])}...",
                 where=str(mark),
+                fix="flatten this value: inventories need only a few levels",
             )
         if isinstance(event, events.AliasEvent):
             return self._alias(event, mark)
@@ -220,6 +226,7 @@ class _Builder:
             raise InventoryError(
                 f"alias *{event.anchor} refers to no anchor &{event.anchor} defined before it",
                 where=str(mark),
+                fix=f"put &{event.anchor} on a value above this line, or remove the alias",
             )
         target = self.anchors[event.anchor]
         if target is None:
@@ -240,10 +247,13 @@ class _Builder:
             raise InventoryError(
                 f"{dotted(path)}: the value is longer than {MAX_SCALAR_CHARS} characters",
                 where=str(mark),
+                fix="shorten it; long scripts and data belong in the image",
             )
         tag = event.tag
         if tag is None or tag == "!":
             tag = self.loader.resolve(yaml.ScalarNode, event.value, event.implicit)
+            if tag == _TAG_PREFIX + "int" and not _DECIMAL_RE.fullmatch(event.value):
+                raise self._ambiguous_int(event, mark, path)
         if tag in _TEXT_TAGS:
             return event.value
         method = _SCALAR_TAGS.get(tag)
@@ -255,10 +265,28 @@ class _Builder:
         except (ValueError, yaml.YAMLError) as exc:
             # int() refuses numbers of more than 4300 digits; float() can fail too.
             raise InventoryError(
-                f"{dotted(path)}: invalid {tag.removeprefix(_TAG_PREFIX)} {quote(event.value)}",
+                f"{dotted(path)}: the {tag.removeprefix(_TAG_PREFIX)} {quote(event.value)} is "
+                f"{len(event.value)} characters long, too long to read",
                 where=str(mark),
-                fix="quote it if it is meant as text",
+                fix="use a number of a few digits, or quote the value if it is text",
             ) from exc
+
+    def _ambiguous_int(
+        self, event: events.ScalarEvent, mark: Mark, path: KeyPath
+    ) -> InventoryError:
+        text = event.value
+        node = yaml.ScalarNode(_TAG_PREFIX + "int", text, event.start_mark, event.end_mark)
+        value = self.loader.construct_yaml_int(node) if len(text) <= 20 else None
+        fix = "write the number in plain decimal digits, or quote the value if it is text"
+        if value is not None:
+            fix = f"write {value} if you mean that number, or quote the value if it is text"
+        return InventoryError(
+            f"{dotted(path)}: {quote(text)} is {_int_form(text)} in YAML 1.1"
+            f"{f' ({value})' if value is not None else ''}; inventories take plain decimal "
+            "integers, which every YAML reader reads alike",
+            where=str(mark),
+            fix=fix,
+        )
 
     def _sequence(self, mark: Mark, path: KeyPath) -> tuple[YamlList, int]:
         result = YamlList(mark)
@@ -298,6 +326,7 @@ class _Builder:
             raise InventoryError(
                 f"{dotted(path)}: mapping keys must be plain text, not lists, mappings or aliases",
                 where=str(mark),
+                fix="write the key as a word, such as lab:",
             )
         if event.tag not in (None, "!", _TAG_PREFIX + "str"):
             raise _tag_error(event.tag, mark, path)
@@ -339,3 +368,18 @@ def _tag_error(tag: str, mark: Mark, path: KeyPath) -> InventoryError:
         where=str(mark),
         fix="inventories take plain strings, numbers, booleans, lists and mappings; remove the tag",
     )
+
+
+
+def _int_form(text: str) -> str:
+    """Name the YAML 1.1 integer notation of ``text``, which is not plain decimal."""
+    digits = text.lstrip("+-")
+    if ":" in digits:
+        return "a base-60 number"
+    if digits.startswith(("0x", "0X")):
+        return "a hexadecimal number"
+    if digits.startswith(("0b", "0B")):
+        return "a binary number"
+    if "_" in digits:
+        return "a number with '_' separators"
+    return "an octal number"
