@@ -49,6 +49,7 @@ def provisioning(request: DesktopRequest, storage_path: str) -> Provisioning:
     """The real provisioning steps' state for ``request``, without a libvirt host."""
     ctx = SimpleNamespace(
         domain_type="qemu", emulator="/usr/bin/qemu-system-x86_64",
+        settings=SimpleNamespace(tcg_cache_mib=256),
         allocator=SimpleNamespace(mac=lambda: "52:54:00:4a:7a:01", ssh_port=lambda: 22001),
     )
     prov = Provisioning(ctx=ctx, request=request, access_key=ACCESS_KEY, on_event=print)
