@@ -72,7 +72,7 @@ def host_settings(inventory: Inventory, key: str) -> HostSettings:
     return HostSettings(
         name=key, uri=host.uri, accelerator=host.accelerator,
         storage_pool=host.storage.pool, storage_path=host.storage.path,
-        max_parallel=host.max_parallel, ksm=host.ksm,
+        max_parallel=host.max_parallel, ksm=host.ksm, ready_timeout=host.ready_timeout,
     )
 
 
@@ -127,7 +127,7 @@ def desktop_requests(inventory: Inventory, images: dict[str, ImageVersion | None
                         shell=user.shell)
             for user in pool.identity.users
         )
-        accelerator = hosts[pool.host].accelerator if pool.host in hosts else "tcg"
+        ready_timeout = _ready_timeout(hosts.get(pool.host))
         instant = ""
         if pool.clone == "instant" and pool.host in hosts:
             instant = _instant_method(inventory, pool_key, hosts[pool.host])
@@ -140,11 +140,18 @@ def desktop_requests(inventory: Inventory, images: dict[str, ImageVersion | None
                 hostname=expand_hostname(pool.identity.hostname, name, number, pool_key),
                 domain=pool.identity.domain or "", users=users,
                 timezone=pool.identity.timezone, run_once=tuple(pool.identity.run_once),
-                ready_timeout=READY_TIMEOUT[accelerator],
+                ready_timeout=ready_timeout,
                 inventory_path=str(Path(inventory.path).resolve()),
                 instant=instant, share_memory=pool.hardware.share_memory,
             ))
     return requests
+
+
+def _ready_timeout(ctx: HostContext | None) -> float:
+    """Return the host's ready_timeout, or the default for its accelerator (TCG unknown)."""
+    if ctx is None:
+        return READY_TIMEOUT["tcg"]
+    return ctx.settings.ready_timeout or READY_TIMEOUT[ctx.accelerator]
 
 
 def check_local_only(inventory: Inventory) -> None:

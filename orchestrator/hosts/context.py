@@ -29,6 +29,7 @@ class HostSettings:
     storage_path: str = "/var/lib/labctl/pool"
     max_parallel: int = 2
     ksm: bool | None = None  # turn KSM on or off at apply; None leaves it as it is
+    ready_timeout: float | None = None  # seconds; None takes the accelerator's default
 
 
 @dataclass
