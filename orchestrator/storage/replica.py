@@ -61,11 +61,36 @@ def ensure_replica(pool: libvirt.virStoragePool, image: ImageVersion) -> Replica
             f"replica {names['disk']} vanished from the storage pool", where=pool.name(),
             fix="run labctl apply again to upload it",
         )
+    _require_readable(pool, disk)
     kernel = initrd = ""
     if image.boot:
-        kernel = pool.storageVolLookupByName(names["kernel"]).path()
-        initrd = pool.storageVolLookupByName(names["initrd"]).path()
+        kernel_volume = pool.storageVolLookupByName(names["kernel"])
+        initrd_volume = pool.storageVolLookupByName(names["initrd"])
+        for volume in (kernel_volume, initrd_volume):
+            _require_readable(pool, volume)
+        kernel, initrd = kernel_volume.path(), initrd_volume.path()
     return Replica(DiskLayer(disk.path(), image.format), kernel, initrd)
+
+
+def _require_readable(pool: libvirt.virStoragePool, volume: libvirt.virStorageVol) -> None:
+    """Raise StorageError unless everyone may read ``volume``, as labctl uploaded it (0444).
+
+    QEMU runs as its own user, so a replica whose mode was changed later fails only when
+    a desktop on it starts, with QEMU's "Permission denied" on the file.
+    """
+    mode_text = ET.fromstring(volume.XMLDesc(0)).findtext("target/permissions/mode")
+    if mode_text is None:
+        return  # the storage backend does not report file modes
+    mode = int(mode_text, 8)
+    if mode & 0o004:
+        return
+    raise StorageError(
+        f"replica volume {volume.name()} is not readable by QEMU (mode {mode:04o}, "
+        "labctl uploads replicas with mode 0444)",
+        where=f"storage pool {pool.name()}",
+        fix=f"run chmod 0444 {volume.path()} on the host, or delete the volume so that "
+        "labctl apply uploads the replica again",
+    )
 
 
 def _upload(pool: libvirt.virStoragePool, image: ImageVersion, names: dict[str, str]) -> None:

@@ -1,0 +1,228 @@
+"""Faults during labctl apply: a guest that never answers, an unreadable replica, a full
+storage pool (replica copy, full clone, parent save) and a libvirtd restart.
+
+Each fault must end the apply with one error line naming the desktop and the failed
+step, leave nothing of the failed desktop on the host, and let the next apply (after
+the fault is removed) converge. Each test has a storage pool of its own, so a fault
+never reaches another worker's desktops or replicas.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import libvirt
+import pytest
+from conftest import REPO, run_labctl, unique_name
+from faultkit import PrivatePool, fill, restart_libvirtd, shared_filesystem
+
+from orchestrator.instant import fork
+
+pytestmark = pytest.mark.libvirt
+
+COMMAND_TIMEOUT = 600
+# Large enough for the tiny image's replica (about 21 MB), a parent's save image and a
+# few desktops, small enough to fill in a moment.
+FILESYSTEM_BYTES = 192 << 20
+# What a desktop on the tiny image needs besides the replica: overlay and seed, with room.
+DESKTOP_BYTES = 4 << 20
+
+
+def tiny_pool(prefix: str, clone: str = "linked", size: int = 1, **extra) -> dict:
+    return {"image": "tiny", "clone": clone, "size": size, "naming": f"{prefix}{{n}}",
+            "network": "lab", "hardware": {"memory": "128MiB"}, **extra}
+
+
+def describe(result: subprocess.CompletedProcess) -> str:
+    return f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+
+
+def step_error(result: subprocess.CompletedProcess, desktop: str, step: str) -> str:
+    """Assert that apply failed on ``desktop`` at ``step`` and return that error line."""
+    report = describe(result)
+    assert result.returncode != 0, f"expected apply to fail: {report}"
+    assert "Traceback" not in result.stderr, report
+    errors = [line for line in result.stderr.splitlines() if line.startswith("labctl: error: ")]
+    assert errors, f"no error line: {report}"
+    prefix = f"labctl: error: {desktop}: step {step!r} failed: "
+    matching = [line for line in errors if line.startswith(prefix)]
+    assert matching, f"no error line starts with {prefix!r}: {report}"
+    print(matching[0])  # shown by pytest -rP: the error text a user sees
+    return matching[0]
+
+
+def domains_named(conn: libvirt.virConnect, *parts: str) -> list[str]:
+    return sorted(d.name() for d in conn.listAllDomains(0)
+                  if any(part in d.name() for part in parts))
+
+
+def ram_files(*parts: str) -> list[str]:
+    if not os.path.isdir(fork.RAM_DIR):
+        return []
+    return sorted(f for f in os.listdir(fork.RAM_DIR) if any(part in f for part in parts))
+
+
+def desktop_files(pool: PrivatePool, name: str) -> list[str]:
+    return [f for f in pool.files() if f"-{name}-" in f]
+
+
+def assert_ready(path: Path, names: list[str]) -> dict[str, dict]:
+    """Assert that ``labctl status`` lists exactly ``names``, each running and recorded ready
+    (status shows a record state other than ready after the domain state); return them."""
+    result = run_labctl("status", str(path), "-o", "json", timeout=COMMAND_TIMEOUT)
+    assert result.returncode == 0, describe(result)
+    desktops = {d["name"]: d for pool in json.loads(result.stdout)["pools"]
+                for d in pool["desktops"]}
+    assert sorted(desktops) == sorted(names), f"desktops after apply: {sorted(desktops)}"
+    for name, desktop in desktops.items():
+        assert desktop["state"] == "running", f"{name} is {desktop['state']}"
+    return desktops
+
+
+def apply_ok(path: Path) -> None:
+    result = run_labctl("apply", str(path), timeout=COMMAND_TIMEOUT)
+    assert result.returncode == 0, f"the apply after the fault failed: {describe(result)}"
+
+
+@pytest.fixture
+def private_pool(tmp_path, conn):
+    """A storage pool of this test in its own directory under /var/lib/labctl."""
+    pool = PrivatePool(Path("/var/lib/labctl") / unique_name("labctl-fault-"), tmp_path)
+    yield pool
+    problems = pool.close(conn)
+    assert not problems, problems
+
+
+@pytest.fixture
+def small_pool(tmp_path, conn):
+    """A storage pool of this test on a small filesystem that libvirtd sees too."""
+    with shared_filesystem(FILESYSTEM_BYTES) as filesystem:
+        pool = PrivatePool(filesystem / "pool", tmp_path, on_filesystem=True)
+        try:
+            yield pool
+        finally:
+            problems = pool.close(conn)
+        assert not problems, problems
+
+
+# A guest that never answers.
+
+
+def test_guest_never_answers(private_pool, conn, tmp_path):
+    """An image without a guest agent (here: a blank disk) times out at the ready step."""
+    prefix = unique_name("na")
+    name = f"{prefix}1"
+    blank = tmp_path / "blank.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(blank), "64M"], check=True)
+    path = private_pool.inventory({"lab": {**tiny_pool(prefix), "image": "blank"}},
+                                  images={"blank": {"path": str(blank)}},
+                                  host={"ready_timeout": 5})
+    result = run_labctl("apply", str(path), timeout=COMMAND_TIMEOUT)
+    line = step_error(result, name, "ready")
+    assert "guest agent did not respond" in line, line
+    assert "within 5 s" in line, line
+    assert domains_named(conn, name) == [], "the domain of the failed desktop is still there"
+    assert desktop_files(private_pool, name) == [], private_pool.files()
+
+    fixed = private_pool.inventory({"lab": tiny_pool(prefix)}, name=path.stem)
+    assert fixed == path
+    apply_ok(path)
+    assert_ready(path, [name])
+
+
+# A replica made unreadable.
+
+
+def test_replica_unreadable(private_pool, conn, tiny_image):
+    prefix = unique_name("ur")
+    name = f"{prefix}1"
+    path = private_pool.inventory({"lab": tiny_pool(prefix)})
+    disk = Path(private_pool.upload_replica(tiny_image).disk.path)
+    disk.chmod(0o000)
+    try:
+        result = run_labctl("apply", str(path), timeout=COMMAND_TIMEOUT)
+    finally:
+        # The failed apply removes the replica, because no desktop uses it.
+        if disk.exists():
+            disk.chmod(0o444)
+    line = step_error(result, name, "os-disk")
+    assert disk.name in line, f"the error does not name the replica: {line}"
+    assert "not readable" in line, line
+    assert f"chmod 0444 {disk}" in line, f"the error does not say how to fix it: {line}"
+    assert domains_named(conn, name) == [], "the domain of the failed desktop is still there"
+    assert desktop_files(private_pool, name) == [], private_pool.files()
+
+    apply_ok(path)
+    assert_ready(path, [name])
+
+
+# A full storage pool.
+
+
+def test_full_pool_replica_copy(small_pool, conn):
+    """The replica does not fit: nothing of it stays, and the next apply uploads it whole."""
+    prefix = unique_name("fr")
+    name = f"{prefix}1"
+    path = small_pool.inventory({"lab": tiny_pool(prefix)})
+    small_pool.path.mkdir()
+    filler = fill(small_pool.path.parent, DESKTOP_BYTES)
+    result = run_labctl("apply", str(path), timeout=COMMAND_TIMEOUT)
+    line = step_error(result, name, "os-disk")
+    assert "replica" in line, f"the error does not name the replica: {line}"
+    assert "check free space in the storage pool" in line, line
+    assert domains_named(conn, name) == [], "the domain of the failed desktop is still there"
+    assert small_pool.files() == [], f"left in the full pool: {small_pool.files()}"
+
+    filler.unlink()
+    apply_ok(path)
+    assert_ready(path, [name])
+
+
+def test_full_pool_full_clone(small_pool, conn, tiny_image):
+    prefix = unique_name("ff")
+    name = f"{prefix}1"
+    path = small_pool.inventory({"lab": tiny_pool(prefix, "full")})
+    small_pool.upload_replica(tiny_image)
+    replica_files = small_pool.files()
+    filler = fill(small_pool.path.parent, 0)
+    result = run_labctl("apply", str(path), timeout=COMMAND_TIMEOUT)
+    line = step_error(result, name, "os-disk")
+    assert "check free space in the storage pool" in line, line
+    assert domains_named(conn, name) == [], "the domain of the failed desktop is still there"
+    assert small_pool.files() == replica_files, "the failed full clone left files"
+
+    filler.unlink()
+    apply_ok(path)
+    assert_ready(path, [name])
+
+
+def test_full_pool_parent_save(small_pool, conn, tiny_image):
+    """The parent's save image does not fit: no parent, no child, no state file stays."""
+    prefix = unique_name("fs")
+    name = f"{prefix}1"
+    path = small_pool.inventory(
+        {"kids": tiny_pool(prefix, "instant", instant={"method": "restore"})})
+    small_pool.upload_replica(tiny_image)
+    replica_files = small_pool.files()
+    filler = fill(small_pool.path.parent, DESKTOP_BYTES)
+    result = run_labctl("apply", str(path), timeout=COMMAND_TIMEOUT)
+    line = step_error(result, name, "parent")
+    assert "step 'save' failed" in line, line
+    assert "check free space in the storage pool" in line, line
+    assert domains_named(conn, name) == [], "the domain of the failed desktop is still there"
+    assert small_pool.files() == replica_files, "the failed parent build left files"
+    parent_name = re.search(r"(labctl-parent-[0-9a-f]+-\d+)", line)
+    assert parent_name, f"the error does not name the parent: {line}"
+    assert domains_named(conn, parent_name.group(1)) == [], "the parent is still defined"
+    assert ram_files(parent_name.group(1)) == []
+
+    filler.unlink()
+    apply_ok(path)
+    assert_ready(path, [name])
