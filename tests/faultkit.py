@@ -10,6 +10,7 @@ both mounts share one superblock, so a file written on one side is there on the 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -33,7 +34,7 @@ LIBVIRTD_PID_FILE = Path("/run/libvirtd.pid")
 KVM_MASK = Path("/run/labctl-kvm-mask")
 FAULT_ROOT = Path("/var/lib/labctl")
 FILLER = "filler"
-# Free space ext4 may still hand out after fill() (extent tree blocks of the filler).
+# Bytes fill() leaves to block-by-block writes after its bulk allocation.
 FILL_SLACK = 256 << 10
 
 
@@ -103,14 +104,25 @@ def free_bytes(path: Path) -> int:
 
 
 def fill(filesystem: Path, leave_bytes: int) -> Path:
-    """Fill ``filesystem`` with one file so that about ``leave_bytes`` stay free."""
+    """Fill ``filesystem`` with one file so that at most ``leave_bytes`` stay free.
+
+    The bulk is allocated at once; the rest is written block by block, because ext4
+    needs blocks for the file's extent tree that statvfs cannot foretell.
+    """
     filler = filesystem / FILLER
-    size = free_bytes(filesystem) - leave_bytes
-    assert size > 0, f"{filesystem} has less than {leave_bytes} bytes free already"
-    with filler.open("wb") as handle:
-        os.posix_fallocate(handle.fileno(), 0, size)
-    left = free_bytes(filesystem)
-    assert left <= leave_bytes + FILL_SLACK, f"{left} bytes still free in {filesystem}"
+    bulk = free_bytes(filesystem) - leave_bytes - FILL_SLACK
+    block = b"\0" * 4096
+    with filler.open("wb", buffering=0) as handle:
+        if bulk > 0:
+            os.posix_fallocate(handle.fileno(), 0, bulk)
+            handle.seek(bulk)
+        try:
+            while free_bytes(filesystem) > leave_bytes:
+                handle.write(block)
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
     return filler
 
 

@@ -24,6 +24,7 @@ from conftest import REPO, run_labctl, unique_name
 from faultkit import PrivatePool, fill, restart_libvirtd, shared_filesystem
 
 from orchestrator.instant import fork
+from orchestrator.storage.replica import PREFIX as REPLICA_PREFIX
 
 pytestmark = pytest.mark.libvirt
 
@@ -31,6 +32,7 @@ COMMAND_TIMEOUT = 600
 # Large enough for the tiny image's replica (about 21 MB), a parent's save image and a
 # few desktops, small enough to fill in a moment.
 FILESYSTEM_BYTES = 192 << 20
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ ")
 # What a desktop on the tiny image needs besides the replica: overlay and seed, with room.
 DESKTOP_BYTES = 4 << 20
 
@@ -49,6 +51,9 @@ def step_error(result: subprocess.CompletedProcess, desktop: str, step: str) -> 
     report = describe(result)
     assert result.returncode != 0, f"expected apply to fail: {report}"
     assert "Traceback" not in result.stderr, report
+    for line in result.stderr.splitlines():
+        # Errors are one line each; warnings and errors logged on the way carry a date.
+        assert line.startswith("labctl: ") or LOG_LINE.match(line), f"stray line {line!r}: {report}"
     errors = [line for line in result.stderr.splitlines() if line.startswith("labctl: error: ")]
     assert errors, f"no error line: {report}"
     prefix = f"labctl: error: {desktop}: step {step!r} failed: "
@@ -71,6 +76,16 @@ def ram_files(*parts: str) -> list[str]:
 
 def desktop_files(pool: PrivatePool, name: str) -> list[str]:
     return [f for f in pool.files() if f"-{name}-" in f]
+
+
+def assert_replicas_whole(files: list[str]) -> None:
+    """Assert that every replica in ``files`` has its completion marker: none is half-made.
+
+    An apply that failed removes replicas no desktop uses, so no replica at all is fine.
+    """
+    versions = {f.split(".")[0] for f in files if f.startswith(REPLICA_PREFIX)}
+    for version in versions:
+        assert f"{version}.complete" in files, f"replica {version} is incomplete: {files}"
 
 
 def assert_ready(path: Path, names: list[str]) -> dict[str, dict]:
@@ -190,13 +205,13 @@ def test_full_pool_full_clone(small_pool, conn, tiny_image):
     name = f"{prefix}1"
     path = small_pool.inventory({"lab": tiny_pool(prefix, "full")})
     small_pool.upload_replica(tiny_image)
-    replica_files = small_pool.files()
     filler = fill(small_pool.path.parent, 0)
     result = run_labctl("apply", str(path), timeout=COMMAND_TIMEOUT)
     line = step_error(result, name, "os-disk")
     assert "check free space in the storage pool" in line, line
     assert domains_named(conn, name) == [], "the domain of the failed desktop is still there"
-    assert small_pool.files() == replica_files, "the failed full clone left files"
+    assert desktop_files(small_pool, name) == [], small_pool.files()
+    assert_replicas_whole(small_pool.files())
 
     filler.unlink()
     apply_ok(path)
@@ -210,18 +225,20 @@ def test_full_pool_parent_save(small_pool, conn, tiny_image):
     path = small_pool.inventory(
         {"kids": tiny_pool(prefix, "instant", instant={"method": "restore"})})
     small_pool.upload_replica(tiny_image)
-    replica_files = small_pool.files()
     filler = fill(small_pool.path.parent, DESKTOP_BYTES)
     result = run_labctl("apply", str(path), timeout=COMMAND_TIMEOUT)
     line = step_error(result, name, "parent")
-    assert "step 'save' failed" in line, line
+    parent_name = re.search(r"step 'parent' failed: (labctl-parent-[0-9a-f]+-\d+): step 'save' "
+                            r"failed: ", line)
+    assert parent_name, f"the error does not name the parent and its save step: {line}"
     assert "check free space in the storage pool" in line, line
     assert domains_named(conn, name) == [], "the domain of the failed desktop is still there"
-    assert small_pool.files() == replica_files, "the failed parent build left files"
-    parent_name = re.search(r"(labctl-parent-[0-9a-f]+-\d+)", line)
-    assert parent_name, f"the error does not name the parent: {line}"
+    assert desktop_files(small_pool, name) == [], small_pool.files()
     assert domains_named(conn, parent_name.group(1)) == [], "the parent is still defined"
+    parent_files = [f for f in small_pool.files() if parent_name.group(1) in f]
+    assert parent_files == [], f"the failed parent build left {parent_files}"
     assert ram_files(parent_name.group(1)) == []
+    assert_replicas_whole(small_pool.files())
 
     filler.unlink()
     apply_ok(path)

@@ -95,9 +95,27 @@ def _require_readable(pool: libvirt.virStoragePool, volume: libvirt.virStorageVo
 
 def _upload(pool: libvirt.virStoragePool, image: ImageVersion, names: dict[str, str]) -> None:
     log.info("uploading replica of %s into storage pool %s", image.ref, pool.name())
-    for role in ("disk", "kernel", "initrd"):
+    _remove_members(pool, names)  # leftovers of an interrupted upload
+    try:
+        _upload_members(pool, image, names)
+    except BaseException:
+        # A failed upload (a full pool) leaves no part of the replica behind.
+        try:
+            _remove_members(pool, names)
+        except (StorageError, libvirt.libvirtError) as exc:
+            log.error("could not remove the partial replica of %s from storage pool %s: %s",
+                      image.ref, pool.name(), exc)
+        raise
+
+
+def _remove_members(pool: libvirt.virStoragePool, names: dict[str, str]) -> None:
+    for role in ("marker", "disk", "kernel", "initrd"):
         if role in names:
-            volumes.delete(pool, names[role])  # leftovers of an interrupted upload
+            volumes.delete(pool, names[role])
+
+
+def _upload_members(pool: libvirt.virStoragePool, image: ImageVersion,
+                    names: dict[str, str]) -> None:
     volumes.upload(pool, names["disk"], image.directory / image.disk.rsplit("/", 1)[-1],
                    image.format, capacity=image.virtual_size, mode="0444")
     if image.boot:
