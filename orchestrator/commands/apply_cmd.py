@@ -101,14 +101,18 @@ def show_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inventory_lock(inventory):
-    """Hold the inventory's run lock: one apply or destroy of it at a time on this machine."""
-    return locks.exclusive_run(f"inventory:{inventory.name}", f"run on inventory {inventory.name}")
+def _inventory_lock(inventory, command: str):
+    """Hold the inventory's run lock: one apply, refresh or destroy of it at a time on this
+    machine. A second one exits at once and names the first, instead of waiting, because
+    an apply queued behind another apply of the same file would find nothing left to do,
+    and a silent wait would hide a run that hangs."""
+    return locks.exclusive_run(f"inventory:{inventory.name}",
+                               f"{command} of inventory {inventory.name}")
 
 
 def run_apply(args: argparse.Namespace) -> int:
     inventory = load_inventory(args.inventory)
-    with _inventory_lock(inventory):
+    with _inventory_lock(inventory, "apply"):
         return _apply(args, inventory)
 
 
@@ -208,7 +212,7 @@ def show_status(args: argparse.Namespace) -> int:
 
 def run_refresh(args: argparse.Namespace) -> int:
     inventory = load_inventory(args.inventory)
-    with _inventory_lock(inventory):
+    with _inventory_lock(inventory, "refresh"):
         printer = output.EventPrinter(json_lines=args.output == "json")
         plan = make_plan(inventory)
         try:
@@ -222,7 +226,7 @@ def run_refresh(args: argparse.Namespace) -> int:
 
 def run_destroy(args: argparse.Namespace) -> int:
     inventory = load_inventory(args.inventory)
-    with _inventory_lock(inventory):
+    with _inventory_lock(inventory, "destroy"):
         return _destroy(args, inventory)
 
 
