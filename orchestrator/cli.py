@@ -7,8 +7,11 @@ import logging
 import signal
 import sys
 
+import libvirt
+
 from orchestrator import __version__
 from orchestrator.errors import LabctlError
+from orchestrator.hosts.connection import libvirt_failure
 
 log = logging.getLogger("orchestrator")
 
@@ -88,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     except LabctlError as exc:
         print(f"labctl: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except libvirt.libvirtError as exc:
+        # A libvirt call that no command wrapped, e.g. after libvirtd went away mid-run.
+        error = libvirt_failure("a libvirt call failed", exc)
+        print(f"labctl: error: {error}", file=sys.stderr)
+        return error.exit_code
     except KeyboardInterrupt:
         print("labctl: interrupted; desktops that were being provisioned were rolled back",
               file=sys.stderr)

@@ -25,7 +25,8 @@ import libvirt
 import yaml
 from conftest import URI, run_labctl, unique_name
 
-from orchestrator.hosts.context import HostContext, HostSettings, open_host
+from orchestrator.hosts.connection import open_connection
+from orchestrator.hosts.context import HostSettings, open_host
 from orchestrator.images.catalog import ImageVersion
 from orchestrator.storage import replica
 
@@ -179,28 +180,32 @@ class PrivatePool:
             return []
         return sorted(os.listdir(self.path))
 
-    def close(self, conn: libvirt.virConnect) -> list[str]:
-        """Destroy the inventories and remove the pool; return the problems seen."""
+    def close(self) -> list[str]:
+        """Destroy the inventories and remove the pool; return the problems seen.
+
+        It opens a connection of its own, because a test may have restarted libvirtd
+        and so closed the session's connection.
+        """
         problems = []
         for path in self.inventories:
             result = run_labctl("destroy", str(path), timeout=300)
             if result.returncode != 0:
                 problems.append(f"labctl destroy {path}: {result.stderr.strip()}")
+        conn = open_connection(URI)
         try:
             storage = conn.storagePoolLookupByName(self.name)
         except libvirt.libvirtError:
             storage = None
-        if storage is not None:
-            with contextlib.suppress(libvirt.libvirtError):
-                storage.destroy()
-            storage.undefine()
+        try:
+            if storage is not None:
+                with contextlib.suppress(libvirt.libvirtError):
+                    storage.destroy()
+                storage.undefine()
+        finally:
+            conn.close()
         if not self.on_filesystem:
             shutil.rmtree(self.path, ignore_errors=True)
         return problems
-
-
-def open_private_host(pool: PrivatePool) -> HostContext:
-    return open_host(pool.settings(), probe=False)
 
 
 def restart_libvirtd(timeout: float = 60) -> int:
@@ -228,11 +233,14 @@ def restart_libvirtd(timeout: float = 60) -> int:
 
 
 def start_libvirtd(masked: bool) -> None:
-    if not masked:
-        _run(["libvirtd", "-d"])
-        return
-    KVM_MASK.unlink(missing_ok=True)
-    os.mknod(KVM_MASK, stat.S_IFCHR | 0o000, os.makedev(1, 3))
-    os.chmod(KVM_MASK, 0o000)
-    _run(["unshare", "-m", "--propagation", "private", "sh", "-c",
-          'mount --bind "$1" /dev/kvm && exec libvirtd -d', "labctl-mask", str(KVM_MASK)])
+    """Start libvirtd as a daemon, in a new mount namespace with /dev/kvm masked if
+    ``masked``. Its output goes nowhere: a pipe would stay open in the daemon."""
+    argv = ["libvirtd", "-d"]
+    if masked:
+        KVM_MASK.unlink(missing_ok=True)
+        os.mknod(KVM_MASK, stat.S_IFCHR | 0o000, os.makedev(1, 3))
+        os.chmod(KVM_MASK, 0o000)
+        argv = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                'mount --bind "$1" /dev/kvm && exec libvirtd -d', "labctl-mask", str(KVM_MASK)]
+    subprocess.run(argv, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=60)

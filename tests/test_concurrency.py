@@ -134,7 +134,7 @@ def shared_pool(tmp_path, conn):
     """A storage pool of this test only, so that its replica is used by nobody else."""
     pool = PrivatePool(Path("/var/lib/labctl") / unique_name("labctl-conc-"), tmp_path)
     yield pool
-    problems = pool.close(conn)
+    problems = pool.close()
     assert not problems, problems
 
 

@@ -14,13 +14,12 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import libvirt
 import pytest
-from conftest import REPO, run_labctl, unique_name
+from conftest import REPO, URI, run_labctl, unique_name
 from faultkit import PrivatePool, fill, restart_libvirtd, shared_filesystem
 
 from orchestrator.instant import fork
@@ -111,7 +110,7 @@ def private_pool(tmp_path, conn):
     """A storage pool of this test in its own directory under /var/lib/labctl."""
     pool = PrivatePool(Path("/var/lib/labctl") / unique_name("labctl-fault-"), tmp_path)
     yield pool
-    problems = pool.close(conn)
+    problems = pool.close()
     assert not problems, problems
 
 
@@ -123,7 +122,7 @@ def small_pool(tmp_path, conn):
         try:
             yield pool
         finally:
-            problems = pool.close(conn)
+            problems = pool.close()
         assert not problems, problems
 
 
@@ -243,3 +242,73 @@ def test_full_pool_parent_save(small_pool, conn, tiny_image):
     filler.unlink()
     apply_ok(path)
     assert_ready(path, [name])
+
+
+# libvirtd restarted in the middle of an apply.
+
+
+def read_events_until(process: subprocess.Popen, wanted, timeout: float) -> list[dict]:
+    """Read apply's JSON event lines until ``wanted(event)`` is true; return the events."""
+    events: list[dict] = []
+    deadline = time.monotonic() + timeout
+    assert process.stdout is not None
+    for line in process.stdout:
+        event = json.loads(line)
+        events.append(event)
+        if wanted(event):
+            return events
+        assert time.monotonic() < deadline, f"no matching event within {timeout} s: {events}"
+    raise AssertionError(f"apply ended before the expected event: {events}")
+
+
+@pytest.mark.disruptive
+def test_libvirtd_restart_mid_apply(private_pool):
+    """libvirtd restarts while desktops boot: apply fails clearly, the next one converges."""
+    prefix = unique_name("lr")
+    names = [f"{prefix}{n}" for n in (1, 2, 3)]
+    path = private_pool.inventory({"lab": tiny_pool(prefix, size=3)})
+    process = subprocess.Popen([sys.executable, "-m", "orchestrator", "apply", str(path),
+                                "-o", "json"], cwd=REPO, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        events = read_events_until(
+            process, lambda e: e.get("step") == "start" and e["status"].startswith("done"),
+            timeout=COMMAND_TIMEOUT)
+        restart_libvirtd()
+        rest, stderr = process.communicate(timeout=COMMAND_TIMEOUT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    result = subprocess.CompletedProcess(process.args, process.returncode,
+                                         "".join(json.dumps(e) + "\n" for e in events) + rest,
+                                         stderr)
+    print(describe(result))  # shown by pytest -rP: what labctl printed
+    assert "Traceback" not in result.stderr, describe(result)
+    if result.returncode != 0:
+        failed = [line for line in result.stderr.splitlines()
+                  if line.startswith("labctl: error: ")]
+        assert failed, f"apply failed without an error line: {describe(result)}"
+        steps = [line for line in failed
+                 if re.match(rf"labctl: error: {prefix}\d: step '[a-z-]+' failed: ", line)]
+        assert steps, f"no error names a desktop and its step: {describe(result)}"
+        for line in failed:
+            assert "check that libvirtd runs" in line, f"the error gives no fix: {line}"
+
+    apply_ok(path)
+    desktops = assert_ready(path, names)
+    macs = [desktop["mac"] for desktop in desktops.values()]
+    assert len(set(macs)) == len(macs), f"duplicate MACs after recovery: {macs}"
+    expected = sorted(f"labctl-{name}-{part}" for name in names
+                      for part in ("os.qcow2", "seed.iso"))
+    own = sorted(f for f in private_pool.files() if not f.startswith(REPLICA_PREFIX))
+    assert own == expected, f"volumes after recovery: {own}"
+    assert_replicas_whole(private_pool.files())
+    conn = libvirt.open(URI)
+    try:
+        found = domains_named(conn, prefix)
+        uuids = {conn.lookupByName(name).UUIDString() for name in names}
+    finally:
+        conn.close()
+    assert found == names, f"domains after recovery: {found}"
+    assert len(uuids) == len(names), "duplicate UUIDs after recovery"

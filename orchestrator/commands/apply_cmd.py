@@ -7,11 +7,14 @@ import json
 import sys
 from pathlib import Path
 
+import libvirt
+
 from orchestrator import bench_instant, locks, output
 from orchestrator import status as status_module
 from orchestrator.apply import apply_plan, refresh_desktops
 from orchestrator.bench import run_bench, summarize
 from orchestrator.errors import LabctlError
+from orchestrator.hosts.connection import libvirt_failure
 from orchestrator.hosts.context import HostSettings
 from orchestrator.images import recipes
 from orchestrator.inventory import load_inventory
@@ -124,7 +127,13 @@ def _apply(args: argparse.Namespace, inventory) -> int:
         if not plan.changes:
             _say(args, "Nothing to change: every desktop is up to date.")
         result = apply_plan(plan, printer, replace=args.replace)
-        data = status_module.collect(inventory, plan.hosts)
+        try:
+            data = status_module.collect(inventory, plan.hosts)
+        except libvirt.libvirtError as exc:
+            # The desktops' own errors below say more than this one; print them all.
+            data = None
+            result.failed["status"] = libvirt_failure("reading the desktops' status failed",
+                                                      exc)
     finally:
         plan.close()
     if args.output == "json":
@@ -134,7 +143,7 @@ def _apply(args: argparse.Namespace, inventory) -> int:
                                             "deleted": result.deleted,
                                             "skipped": result.skipped,
                                             "failed": failed}) + "\n")
-    else:
+    elif data is not None:
         _print_status(data)
         _print_parents(data)
         for name in result.skipped:
