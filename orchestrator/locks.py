@@ -42,7 +42,7 @@ def exclusive_run(name: str, what: str) -> Iterator[None]:
 
     ``what`` describes the command for the error message, e.g. "apply of inventory
     demo". The holder writes its pid and ``what`` into the lock file, so the error
-    names the command that holds the lock, which may differ from the one refused.
+    names the command that has the lock, which may differ from the one rejected.
     """
     directory = paths.ensure_private_dir(paths.state_dir() / "locks")
     digest = hashlib.sha256(name.encode()).hexdigest()[:24]
@@ -68,7 +68,7 @@ def _held_error(content: str, what: str) -> ConflictError:
     """Return the error for a run lock held by the process described in ``content``.
 
     The holder may not have written its pid yet, or may be an older labctl that wrote
-    only its pid: the refused command's ``what`` stands in for a missing description.
+    only its pid. A missing description is replaced by the rejected command's ``what``.
     """
     pid, _, holder_what = content.strip().partition(" ")
     return ConflictError(

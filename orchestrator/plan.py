@@ -148,7 +148,8 @@ def desktop_requests(inventory: Inventory, images: dict[str, ImageVersion | None
 
 
 def _ready_timeout(ctx: HostContext | None) -> float:
-    """Return the host's ready_timeout, or the default for its accelerator (TCG unknown)."""
+    """Return the host's ready_timeout, or the default for its accelerator (TCG for a host
+    that is not connected)."""
     if ctx is None:
         return READY_TIMEOUT["tcg"]
     return ctx.settings.ready_timeout or READY_TIMEOUT[ctx.accelerator]

@@ -1,4 +1,4 @@
-"""Fault injection for tests: small filesystems libvirtd also sees, private storage pools,
+"""Fault injection for tests: small filesystems mounted for libvirtd too, private storage pools,
 and a libvirtd restart the way scripts/host-setup starts it.
 
 libvirtd may run in its own mount namespace (scripts/host-setup masks /dev/kvm there),
@@ -94,7 +94,7 @@ def shared_filesystem(size_bytes: int) -> Iterator[Path]:
 
 
 def _unmount(argv: list[str]) -> None:
-    """Unmount; a QEMU that still holds a file there gets a lazy unmount instead."""
+    """Unmount, or detach lazily if a QEMU process still has a file there open."""
     if subprocess.run(argv, check=False, capture_output=True).returncode != 0:
         subprocess.run(argv[:-1] + ["-l", argv[-1]], check=False, capture_output=True)
 
@@ -107,8 +107,8 @@ def free_bytes(path: Path) -> int:
 def fill(filesystem: Path, leave_bytes: int) -> Path:
     """Fill ``filesystem`` with one file so that at most ``leave_bytes`` stay free.
 
-    The bulk is allocated at once; the rest is written block by block, because ext4
-    needs blocks for the file's extent tree that statvfs cannot foretell.
+    The bulk is allocated at once. The rest is written block by block, because ext4
+    needs blocks for the file's extent tree, and statvfs does not count them in advance.
     """
     filler = filesystem / FILLER
     bulk = free_bytes(filesystem) - leave_bytes - FILL_SLACK

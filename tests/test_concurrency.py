@@ -92,7 +92,7 @@ def guest_hostname(path: Path, name: str) -> str:
 # Two applies of one inventory.
 
 
-def test_second_apply_refused(make_inventory, conn):
+def test_second_apply_rejected(make_inventory, conn):
     prefix = unique_name("cc")
     names = [f"{prefix}{n}" for n in (1, 2)]
     path = make_inventory({"lab": tiny_pool(prefix, size=2)})
@@ -100,17 +100,17 @@ def test_second_apply_refused(make_inventory, conn):
     first, second = run_together(["apply", str(path)], ["apply", str(path)])
 
     succeeded = [result for result in (first, second) if result.returncode == 0]
-    refused = [result for result in (first, second) if result.returncode != 0]
+    rejected = [result for result in (first, second) if result.returncode != 0]
     report = f"first: {describe(first)}\nsecond: {describe(second)}"
     assert len(succeeded) == 1, f"expected one apply to succeed: {report}"
-    assert len(refused) == 1, f"expected one apply to be refused: {report}"
-    lines = refused[0].stderr.strip().splitlines()
+    assert len(rejected) == 1, f"expected one apply to be rejected: {report}"
+    lines = rejected[0].stderr.strip().splitlines()
     assert len(lines) == 1, f"expected one error line: {report}"
     print(lines[0])  # shown by pytest -rP
     assert re.fullmatch(
         rf"labctl: error: another labctl apply of inventory {inventory} is running "
         rf"\(pid \d+\) \(wait for it to finish .*\)", lines[0]), lines[0]
-    assert refused[0].stdout == "", f"the refused apply printed a plan or table: {report}"
+    assert rejected[0].stdout == "", f"the rejected apply printed a plan or table: {report}"
 
     desktops = desktops_of(conn, inventory)
     assert sorted(desktops) == names, f"desktops of {inventory}: {sorted(desktops)}"

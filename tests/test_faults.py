@@ -1,4 +1,4 @@
-"""Faults during labctl apply: a guest that never answers, an unreadable replica, a full
+"""Faults during labctl apply: a guest that never responds, an unreadable replica, a full
 storage pool (replica copy, full clone, parent save) and a libvirtd restart.
 
 Each fault must end the apply with one error line naming the desktop and the failed
@@ -116,7 +116,7 @@ def private_pool(tmp_path, conn):
 
 @pytest.fixture
 def small_pool(tmp_path, conn):
-    """A storage pool of this test on a small filesystem that libvirtd sees too."""
+    """A storage pool of this test on a small filesystem, mounted for libvirtd too."""
     with shared_filesystem(FILESYSTEM_BYTES) as filesystem:
         pool = PrivatePool(filesystem / "pool", tmp_path, on_filesystem=True)
         try:
@@ -126,10 +126,10 @@ def small_pool(tmp_path, conn):
         assert not problems, problems
 
 
-# A guest that never answers.
+# A guest that never responds.
 
 
-def test_guest_never_answers(private_pool, conn, tmp_path):
+def test_guest_never_responds(private_pool, conn, tmp_path):
     """An image without a guest agent (here: a blank disk) times out at the ready step."""
     prefix = unique_name("na")
     name = f"{prefix}1"

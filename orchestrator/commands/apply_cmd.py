@@ -130,7 +130,7 @@ def _apply(args: argparse.Namespace, inventory) -> int:
         try:
             data = status_module.collect(inventory, plan.hosts)
         except libvirt.libvirtError as exc:
-            # The desktops' own errors below say more than this one; print them all.
+            # The desktops' own errors below are more specific, so print them all.
             data = None
             result.failed["status"] = libvirt_failure("reading the desktops' status failed",
                                                       exc)
