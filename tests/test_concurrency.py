@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,10 @@ import pytest
 from conftest import REPO, TEST_POOL_PATH, run_labctl, unique_name
 from faultkit import PrivatePool
 
+from orchestrator.errors import ConflictError
+from orchestrator.identity import allocate
+from orchestrator.identity.allocate import HostAllocator
+from orchestrator.identity.reservations import Reservations
 from orchestrator.instant import parent
 from orchestrator.state import metadata
 from orchestrator.storage.replica import PREFIX as REPLICA_PREFIX
@@ -65,14 +70,16 @@ def desktops_of(conn: libvirt.virConnect, inventory: str) -> dict[str, metadata.
 
 
 def assert_distinct_identities(conn: libvirt.virConnect, names: list[str]) -> None:
-    """Assert that the domains ``names`` have pairwise distinct MACs and UUIDs."""
+    """Assert that the domains ``names`` have pairwise distinct MACs, UUIDs and SSH ports."""
     domains = [conn.lookupByName(name) for name in names]
     records = [metadata.read(domain) for domain in domains]
     macs = [record.mac for record in records if record is not None]
+    ports = [record.ssh_port for record in records if record is not None]
     uuids = [domain.UUIDString() for domain in domains]
     assert len(macs) == len(names), f"desktops without labctl metadata among {names}"
     assert len(set(macs)) == len(macs), f"duplicate MACs: {dict(zip(names, macs))}"
     assert len(set(uuids)) == len(uuids), f"duplicate UUIDs: {dict(zip(names, uuids))}"
+    assert len(set(ports)) == len(ports), f"duplicate SSH ports: {dict(zip(names, ports))}"
 
 
 def status(path: Path) -> dict:
@@ -184,3 +191,70 @@ def test_inventories_side_by_side(shared_pool, conn):
     again = run_labctl("apply", str(path_b), timeout=COMMAND_TIMEOUT)
     assert again.returncode == 0, describe(again)
     assert "Nothing to change" in again.stdout, f"B no longer converged: {describe(again)}"
+
+
+# MACs and ports handed out by two labctl processes at once.
+
+# Runs in a second process: hands out one port of a one-port range and one MAC, prints
+# both, and keeps its reservations until its stdin closes.
+HOLDER = """
+import sys
+import libvirt
+from orchestrator.identity.allocate import HostAllocator
+from orchestrator.identity.reservations import Reservations
+
+port, key = int(sys.argv[1]), sys.argv[2]
+allocator = HostAllocator(libvirt.open("test:///default"), port_range=(port, port),
+                          reservations=Reservations(key))
+print(allocator.ssh_port(), allocator.mac(), flush=True)
+sys.stdin.read()
+"""
+
+
+class RepeatingRandom:
+    """A stand-in for SystemRandom whose MAC bytes repeat ``mac`` once, then count up."""
+
+    def __init__(self, mac: str):
+        self.values = [int(part, 16) for part in mac.split(":")[3:]]
+        self.counter = 0
+
+    def randrange(self, stop: int) -> int:
+        if self.values:
+            return self.values.pop(0)
+        self.counter += 1
+        return self.counter % stop
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_allocators_in_two_processes(tmp_path, monkeypatch):
+    """A port or MAC another labctl process handed out is skipped until that process ends."""
+    monkeypatch.setenv("LABCTL_DATA_DIR", str(tmp_path))
+    key = f"test:///default#{unique_name('r')}"
+    port = free_port()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(port), key], cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        held_port, held_mac = holder.stdout.readline().split()
+        assert int(held_port) == port
+        conn = libvirt.open("test:///default")
+        allocator = HostAllocator(conn, port_range=(port, port), reservations=Reservations(key))
+        with pytest.raises(ConflictError):
+            allocator.ssh_port()
+        monkeypatch.setattr(allocate.random, "SystemRandom", lambda: RepeatingRandom(held_mac))
+        allocator = HostAllocator(conn, reservations=Reservations(key))
+        mac = allocator.mac()
+        assert mac != held_mac, "the MAC of the other process was handed out again"
+    finally:
+        if holder.stdin is not None:
+            holder.stdin.close()
+        holder.wait(timeout=30)
+    assert holder.returncode == 0
+    after = HostAllocator(conn, port_range=(port, port), reservations=Reservations(key))
+    assert after.ssh_port() == port, "the reservation outlived its process"

@@ -13,6 +13,7 @@ from orchestrator.domain import DEFAULT_EMULATOR
 from orchestrator.hosts import facts
 from orchestrator.hosts.connection import open_connection
 from orchestrator.identity.allocate import HostAllocator
+from orchestrator.identity.reservations import Reservations
 from orchestrator.storage import pool as storage_pool
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def open_host(settings: HostSettings, *, probe: bool = True) -> HostContext:
         accelerator=accelerator,
         accelerator_reason=reason,
         emulator=_emulator(conn, facts.DOMAIN_TYPES[accelerator]),
-        allocator=HostAllocator(conn),
+        allocator=HostAllocator(conn, reservations=Reservations(settings.uri)),
         provisioning=threading.Semaphore(max(1, settings.max_parallel)),
     )
 
