@@ -73,6 +73,7 @@ def is_local(uri: str) -> bool:
 
 
 # The fix for an error of a libvirt connection that broke (libvirtd stopped or restarted).
+# NOTE: labctl does not reconnect, so the rest of the run fails on that connection too.
 RECONNECT_FIX = ("the connection to libvirtd was lost: check that libvirtd runs, then run "
                  "the command again, which removes what this run left half-made")
 
