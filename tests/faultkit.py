@@ -25,7 +25,7 @@ import libvirt
 import yaml
 from conftest import URI, run_labctl, unique_name
 
-from orchestrator.hosts.connection import open_connection
+from orchestrator.hosts.connection import is_local, open_connection
 from orchestrator.hosts.context import HostSettings, open_host
 from orchestrator.images.catalog import ImageVersion
 from orchestrator.storage import replica
@@ -41,6 +41,17 @@ FILL_SLACK = 256 << 10
 
 def libvirtd_pid() -> int:
     return int(LIBVIRTD_PID_FILE.read_text().split()[0])
+
+
+def can_restart_libvirtd(uri: str) -> str:
+    """Return why this test run cannot restart the libvirtd of ``uri``, or ""."""
+    if not is_local(uri):
+        return f"{uri} is not the local libvirtd"
+    if os.geteuid() != 0:
+        return "restarting libvirtd needs root"
+    if not LIBVIRTD_PID_FILE.exists() and not Path("/run/systemd/system").is_dir():
+        return f"{LIBVIRTD_PID_FILE} not found: libvirtd was not started by scripts/host-setup"
+    return ""
 
 
 def libvirtd_namespace_differs(pid: int) -> bool:
@@ -67,7 +78,8 @@ def shared_filesystem(size_bytes: int) -> Iterator[Path]:
     """
     mount = FAULT_ROOT / unique_name("labctl-fault-")
     image = Path(tempfile.mkstemp(prefix="labctl-fault-", suffix=".ext4", dir="/var/tmp")[1])
-    pid = libvirtd_pid()
+    # Without the pid file (libvirtd under systemd), libvirtd shares the test's namespace.
+    pid = libvirtd_pid() if LIBVIRTD_PID_FILE.exists() else 0
     device = ""
     unmounts: list[list[str]] = []
     try:
@@ -78,7 +90,7 @@ def shared_filesystem(size_bytes: int) -> Iterator[Path]:
         mount.mkdir()
         _run(["mount", device, str(mount)])
         unmounts.append(["umount", str(mount)])
-        if libvirtd_namespace_differs(pid):
+        if pid and libvirtd_namespace_differs(pid):
             _run(_in_libvirtd_namespace(pid, "mount", device, str(mount)))
             unmounts.append(_in_libvirtd_namespace(pid, "umount", str(mount)))
         (mount / "lost+found").rmdir()
@@ -208,26 +220,29 @@ class PrivatePool:
         return problems
 
 
-def restart_libvirtd(timeout: float = 60) -> int:
+def restart_libvirtd(timeout: float = 60) -> None:
     """Stop libvirtd with SIGTERM and start it again as scripts/host-setup does.
 
     A libvirtd that ran in its own mount namespace with /dev/kvm masked is started the
-    same way again. Running guests survive: the new libvirtd reconnects to them.
-    Returns the new libvirtd's pid.
+    same way again, and one that systemd runs is restarted through systemctl. Running
+    guests survive: the new libvirtd reconnects to them. Returns once it responds.
     """
-    pid = libvirtd_pid()
-    masked = libvirtd_namespace_differs(pid)
-    os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while Path(f"/proc/{pid}").exists():
-        assert time.monotonic() < deadline, f"libvirtd {pid} did not stop within {timeout} s"
-        time.sleep(0.1)
-    start_libvirtd(masked)
+    if Path("/run/systemd/system").is_dir():
+        _run(["systemctl", "restart", "libvirtd.service"])
+    else:
+        pid = libvirtd_pid()
+        masked = libvirtd_namespace_differs(pid)
+        os.kill(pid, signal.SIGTERM)
+        while Path(f"/proc/{pid}").exists():
+            assert time.monotonic() < deadline, f"libvirtd {pid} did not stop within {timeout} s"
+            time.sleep(0.1)
+        start_libvirtd(masked)
     while True:
         answered = subprocess.run(["virsh", "-q", "-c", URI, "uri"], check=False,
                                   capture_output=True, timeout=30).returncode == 0
         if answered:
-            return libvirtd_pid()
+            return
         assert time.monotonic() < deadline, f"libvirtd did not answer within {timeout} s"
         time.sleep(0.5)
 

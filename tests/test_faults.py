@@ -20,7 +20,7 @@ from pathlib import Path
 import libvirt
 import pytest
 from conftest import REPO, URI, run_labctl, unique_name
-from faultkit import PrivatePool, fill, restart_libvirtd, shared_filesystem
+from faultkit import PrivatePool, can_restart_libvirtd, fill, restart_libvirtd, shared_filesystem
 
 from orchestrator.instant import fork
 from orchestrator.storage.replica import PREFIX as REPLICA_PREFIX
@@ -117,6 +117,8 @@ def private_pool(tmp_path, conn):
 @pytest.fixture
 def small_pool(tmp_path, conn):
     """A storage pool of this test on a small filesystem, mounted for libvirtd too."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a filesystem needs root")
     with shared_filesystem(FILESYSTEM_BYTES) as filesystem:
         pool = PrivatePool(filesystem / "pool", tmp_path, on_filesystem=True)
         try:
@@ -264,6 +266,9 @@ def read_events_until(process: subprocess.Popen, wanted, timeout: float) -> list
 @pytest.mark.disruptive
 def test_libvirtd_restart_mid_apply(private_pool):
     """libvirtd restarts while desktops boot: apply fails clearly, the next one converges."""
+    reason = can_restart_libvirtd(URI)
+    if reason:
+        pytest.skip(reason)
     prefix = unique_name("lr")
     names = [f"{prefix}{n}" for n in (1, 2, 3)]
     path = private_pool.inventory({"lab": tiny_pool(prefix, size=3)})
