@@ -4,7 +4,8 @@ storage pool (replica copy, full clone, parent save) and a libvirtd restart.
 Each fault must end the apply with one error line naming the desktop and the failed
 step, leave nothing of the failed desktop on the host, and let the next apply (after
 the fault is removed) converge. Each test has a storage pool of its own, so a fault
-never reaches another worker's desktops or replicas.
+never reaches another worker's desktops or replicas. The libvirtd restart reaches every
+libvirt client on the machine, so it is marked disruptive and runs alone.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def apply_ok(path: Path) -> None:
 
 
 @pytest.fixture
-def private_pool(tmp_path, conn):
+def private_pool(tmp_path):
     """A storage pool of this test in its own directory under /var/lib/labctl."""
     pool = PrivatePool(Path("/var/lib/labctl") / unique_name("labctl-fault-"), tmp_path)
     yield pool
@@ -115,7 +116,7 @@ def private_pool(tmp_path, conn):
 
 
 @pytest.fixture
-def small_pool(tmp_path, conn):
+def small_pool(tmp_path):
     """A storage pool of this test on a small filesystem, mounted for libvirtd too."""
     if os.geteuid() != 0:
         pytest.skip("mounting a filesystem needs root")
@@ -187,7 +188,6 @@ def test_full_pool_replica_copy(small_pool, conn):
     prefix = unique_name("fr")
     name = f"{prefix}1"
     path = small_pool.inventory({"lab": tiny_pool(prefix)})
-    small_pool.path.mkdir()
     filler = fill(small_pool.path.parent, DESKTOP_BYTES)
     result = run_labctl("apply", str(path), timeout=COMMAND_TIMEOUT)
     line = step_error(result, name, "os-disk")
