@@ -138,7 +138,7 @@ def test_second_apply_rejected(make_inventory, conn):
 
 @pytest.fixture
 def shared_pool(tmp_path, conn):
-    """A storage pool of this test only, so that its replica is used by nobody else."""
+    """A storage pool of this test only, so that no other test uses its replica."""
     pool = PrivatePool(Path("/var/lib/labctl") / unique_name("labctl-conc-"), tmp_path)
     yield pool
     problems = pool.close()

@@ -249,15 +249,15 @@ def test_full_pool_parent_save(small_pool, conn, tiny_image):
 # libvirtd restarted in the middle of an apply.
 
 
-def read_events_until(process: subprocess.Popen, wanted, timeout: float) -> list[dict]:
-    """Read apply's JSON event lines until ``wanted(event)`` is true; return the events."""
+def read_events_until(process: subprocess.Popen, matches, timeout: float) -> list[dict]:
+    """Read apply's JSON event lines until ``matches(event)`` is true; return the events."""
     events: list[dict] = []
     deadline = time.monotonic() + timeout
     assert process.stdout is not None
     for line in process.stdout:
         event = json.loads(line)
         events.append(event)
-        if wanted(event):
+        if matches(event):
             return events
         assert time.monotonic() < deadline, f"no matching event within {timeout} s: {events}"
     raise AssertionError(f"apply ended before the expected event: {events}")
