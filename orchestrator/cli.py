@@ -9,7 +9,7 @@ import sys
 
 import libvirt
 
-from orchestrator import __version__
+from orchestrator import __version__, output
 from orchestrator.errors import LabctlError
 from orchestrator.hosts.connection import libvirt_failure
 
@@ -71,8 +71,10 @@ def _rolling_back(_signum: int, _frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Exit quietly when the reader of a pipe (head, less) goes away, as Unix tools do.
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    # SIGPIPE stays ignored, as Python sets it: with the default action, a write to the
+    # socket of a libvirtd that went away, or to a restore pipe, would kill labctl without
+    # a message or a rollback. A reader of stdout that goes away (head, less) raises
+    # BrokenPipeError instead, handled below and in output.EventPrinter.
     # SIGTERM takes the same path as Ctrl-C: interrupted desktops are rolled back.
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
@@ -100,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         print("labctl: interrupted; desktops that were being provisioned were rolled back",
               file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away: exit quietly, with the status a shell reports
+        # for a command that SIGPIPE ended (128 + 13).
+        output.discard_stdout()
+        return 141
 
 
 if __name__ == "__main__":
