@@ -317,3 +317,34 @@ def test_libvirtd_restart_mid_apply(private_pool):
         conn.close()
     assert found == names, f"domains after recovery: {found}"
     assert len(uuids) == len(names), "duplicate UUIDs after recovery"
+
+
+# A write into a socket or pipe whose reader went away.
+
+SIGPIPE_AFTER_MAIN = """
+import signal, sys
+from orchestrator import cli
+cli.main(["schema"])
+print(signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN, file=sys.stderr)
+"""
+
+
+def test_sigpipe_stays_ignored():
+    """libvirt writes to its socket without MSG_NOSIGNAL: with SIGPIPE's default action, a
+    libvirtd that goes away during a write would end labctl without a message."""
+    result = subprocess.run([sys.executable, "-c", SIGPIPE_AFTER_MAIN], cwd=REPO, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "True", f"SIGPIPE is not ignored: {result.stderr}"
+
+
+def test_closed_stdout_exits_quietly():
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        result = subprocess.run([sys.executable, "-m", "orchestrator", "schema"], cwd=REPO,
+                                text=True, stdout=writer, stderr=subprocess.PIPE, timeout=60)
+    finally:
+        os.close(writer)
+    assert result.returncode == 141, f"exit {result.returncode}: {result.stderr}"
+    assert result.stderr == "", f"labctl printed on a closed stdout: {result.stderr}"
