@@ -17,6 +17,7 @@ from orchestrator.errors import LabctlError
 from orchestrator.identity import keys
 from orchestrator.plan import Action, Plan
 from orchestrator.hosts import facts
+from orchestrator.hosts.connection import libvirt_failure
 from orchestrator.hosts.context import HostContext
 from orchestrator.instant.child import ChildProvisioning
 from orchestrator.provision.desktop import KeptIdentity, Provisioning
@@ -69,14 +70,25 @@ def apply_plan(plan: Plan, on_event: EventSink, *, replace: bool = False) -> App
             cancel.request()
             raise
     for key, ctx in plan.hosts.items():
-        keep = {parent.parent_key(a.request, a.request.instant, ctx.domain_type)
-                for a in plan.actions
-                if a.host == key and a.request is not None and a.request.clone == "instant"}
-        parent.remove_unused_parents(ctx, plan.inventory.name, keep, on_event)
-        pool = ctx.existing_pool()
-        if pool is not None:
-            replica.remove_unused(pool)
+        try:
+            _remove_unused(plan, key, ctx, on_event)
+        except libvirt.libvirtError as exc:
+            # Reported with the desktops' errors, which would be lost if this raised.
+            result.failed[f"host {key}"] = libvirt_failure(
+                "removing unused parent VMs and replicas failed", exc,
+                where=f"host {ctx.settings.name}")
     return result
+
+
+def _remove_unused(plan: Plan, key: str, ctx: HostContext, on_event: EventSink) -> None:
+    """Remove the parent VMs and replicas on host ``key`` that nothing uses any more."""
+    keep = {parent.parent_key(a.request, a.request.instant, ctx.domain_type)
+            for a in plan.actions
+            if a.host == key and a.request is not None and a.request.clone == "instant"}
+    parent.remove_unused_parents(ctx, plan.inventory.name, keep, on_event)
+    pool = ctx.existing_pool()
+    if pool is not None:
+        replica.remove_unused(pool)
 
 
 def _has_desktops(plan: Plan) -> bool:

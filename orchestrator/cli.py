@@ -8,8 +8,11 @@ import re
 import signal
 import sys
 
-from orchestrator import __version__
+import libvirt
+
+from orchestrator import __version__, output
 from orchestrator.errors import LabctlError
+from orchestrator.hosts.connection import libvirt_failure
 
 log = logging.getLogger("orchestrator")
 
@@ -81,8 +84,10 @@ def one_line(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Exit quietly when the reader of a pipe (head, less) goes away, as Unix tools do.
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    # SIGPIPE stays ignored, as Python sets it: with the default action, a write to the
+    # socket of a libvirtd that went away, or to a restore pipe, would kill labctl without
+    # a message or a rollback. A reader of stdout that goes away (head, less) raises
+    # BrokenPipeError instead, handled below and in output.EventPrinter.
     # SIGTERM takes the same path as Ctrl-C: interrupted desktops are rolled back.
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
@@ -101,10 +106,20 @@ def main(argv: list[str] | None = None) -> int:
     except LabctlError as exc:
         print(f"labctl: error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
+    except libvirt.libvirtError as exc:
+        # A libvirt call that no command wrapped, e.g. after libvirtd went away mid-run.
+        error = libvirt_failure("a libvirt call failed", exc)
+        print(f"labctl: error: {error}", file=sys.stderr)
+        return error.exit_code
     except KeyboardInterrupt:
         print("labctl: interrupted; desktops that were being provisioned were rolled back",
               file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away: exit quietly, with the status a shell reports
+        # for a command that SIGPIPE ended (128 + 13).
+        output.discard_stdout()
+        return 141
 
 
 if __name__ == "__main__":

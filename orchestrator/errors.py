@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
+_LINE_BREAK = re.compile(r"\s*[\r\n]+\s*")
+
 
 class LabctlError(Exception):
     """Base class of every error labctl reports to the user without a traceback.
@@ -22,7 +26,9 @@ class LabctlError(Exception):
         text = f"{self.where}: {self.message}" if self.where else self.message
         if self.fix:
             text = f"{text} ({self.fix})"
-        return text
+        # One line, because the CLI prints each error as one line: messages quoted from
+        # libvirt or qemu-img may end in a newline or span several.
+        return _LINE_BREAK.sub(" ", text).strip()
 
 
 class InventoryError(LabctlError):

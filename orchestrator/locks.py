@@ -40,8 +40,9 @@ def named_lock(name: str) -> Iterator[None]:
 def exclusive_run(name: str, what: str) -> Iterator[None]:
     """Hold the lock ``name`` for a whole command, or raise ConflictError if it is taken.
 
-    ``what`` describes the lock's purpose for the error message, e.g. "apply of
-    inventory demo". The holder's pid is written into the lock file for that message.
+    ``what`` describes the command for the error message, e.g. "apply of inventory
+    demo". The holder writes its pid and ``what`` into the lock file, so the error
+    names the command that has the lock, which may differ from the one rejected.
     """
     directory = paths.ensure_private_dir(paths.state_dir() / "locks")
     digest = hashlib.sha256(name.encode()).hexdigest()[:24]
@@ -50,14 +51,10 @@ def exclusive_run(name: str, what: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
             handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise ConflictError(
-                f"another labctl {what} is running (pid {holder})",
-                fix="wait for it to finish, or stop it with Ctrl-C so it rolls back",
-            ) from exc
+            raise _held_error(handle.read(), what) from exc
         handle.seek(0)
         handle.truncate()
-        handle.write(str(os.getpid()))
+        handle.write(f"{os.getpid()} {what}")
         handle.flush()
         try:
             yield
@@ -65,3 +62,17 @@ def exclusive_run(name: str, what: str) -> Iterator[None]:
             handle.seek(0)
             handle.truncate()
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _held_error(content: str, what: str) -> ConflictError:
+    """Return the error for a run lock held by the process described in ``content``.
+
+    The holder may not have written its pid yet, or may be an older labctl that wrote
+    only its pid. A missing description is replaced by the rejected command's ``what``.
+    """
+    pid, _, holder_what = content.strip().partition(" ")
+    return ConflictError(
+        f"another labctl {holder_what or what} is running (pid {pid or 'unknown'})",
+        fix="wait for it to finish and run this command again, or stop it with Ctrl-C so "
+        "it rolls back",
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -42,6 +43,18 @@ def human_bytes(count: float) -> str:
     return f"{count:.1f} TiB"
 
 
+def discard_stdout() -> None:
+    """Send the rest of stdout to /dev/null, once its reader went away (``| head``).
+
+    Output still buffered then goes nowhere instead of failing again at exit.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+
+
 class EventPrinter:
     """Prints one line per desktop step, or one JSON object per line with ``json_lines``."""
 
@@ -55,7 +68,13 @@ class EventPrinter:
             if self.json_lines:
                 event = {"time": round(elapsed, 3), "desktop": desktop, "step": step,
                          "status": status}
-                sys.stdout.write(json.dumps(event) + "\n")
+                line = json.dumps(event) + "\n"
             else:
-                sys.stdout.write(f"[{elapsed:7.1f}s] {desktop:<16} {step:<10} {status}\n")
-            sys.stdout.flush()
+                line = f"[{elapsed:7.1f}s] {desktop:<16} {step:<10} {status}\n"
+            try:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            except BrokenPipeError:
+                # The reader went away (| head): provisioning goes on without output,
+                # because a failing event would roll back the desktop's step.
+                discard_stdout()

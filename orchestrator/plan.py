@@ -75,7 +75,7 @@ def host_settings(inventory: Inventory, key: str) -> HostSettings:
         storage_pool=host.storage.pool, storage_path=host.storage.path,
         max_parallel=host.limits.provisioning, power_parallel=host.limits.power,
         maintenance_parallel=host.limits.maintenance, ksm=host.ksm,
-        tcg_cache_mib=host.tcg_cache // MIB,
+        tcg_cache_mib=host.tcg_cache // MIB, ready_timeout=host.ready_timeout,
     )
 
 
@@ -130,7 +130,7 @@ def desktop_requests(inventory: Inventory, images: dict[str, ImageVersion | None
                         shell=user.shell)
             for user in pool.identity.users
         )
-        accelerator = hosts[pool.host].accelerator if pool.host in hosts else "tcg"
+        ready_timeout = _ready_timeout(hosts.get(pool.host))
         instant = ""
         if pool.clone == "instant" and pool.host in hosts:
             instant = _instant_method(inventory, pool_key, hosts[pool.host])
@@ -143,11 +143,19 @@ def desktop_requests(inventory: Inventory, images: dict[str, ImageVersion | None
                 hostname=expand_hostname(pool.identity.hostname, name, number, pool_key),
                 domain=pool.identity.domain or "", users=users,
                 timezone=pool.identity.timezone, run_once=tuple(pool.identity.run_once),
-                ready_timeout=READY_TIMEOUT[accelerator],
+                ready_timeout=ready_timeout,
                 inventory_path=str(Path(inventory.path).resolve()),
                 instant=instant, share_memory=pool.hardware.share_memory,
             ))
     return requests
+
+
+def _ready_timeout(ctx: HostContext | None) -> float:
+    """Return the host's ready_timeout, or the default for its accelerator (TCG for a host
+    that is not connected)."""
+    if ctx is None:
+        return READY_TIMEOUT["tcg"]
+    return ctx.settings.ready_timeout or READY_TIMEOUT[ctx.accelerator]
 
 
 def check_local_only(inventory: Inventory) -> None:

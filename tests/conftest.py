@@ -27,6 +27,21 @@ TEST_POOL_PATH = "/var/lib/labctl/test-pool"
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip tests marked disruptive unless the -m expression names them.
+
+    They restart libvirtd, which closes every other test's libvirt connection, so a run
+    of some test files next to other developers' runs must not start them by accident.
+    scripts/test runs them alone after the parallel run.
+    """
+    if "disruptive" in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason="restarts libvirtd; select it with -m disruptive")
+    for item in items:
+        if "disruptive" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def conn() -> libvirt.virConnect:
     """A connection to the test libvirtd; a missing libvirtd fails the test (CI starts it)."""

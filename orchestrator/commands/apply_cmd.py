@@ -7,11 +7,14 @@ import json
 import sys
 from pathlib import Path
 
+import libvirt
+
 from orchestrator import bench_instant, locks, output
 from orchestrator import status as status_module
 from orchestrator.apply import apply_plan, refresh_desktops
 from orchestrator.bench import run_bench, summarize
 from orchestrator.errors import LabctlError
+from orchestrator.hosts.connection import libvirt_failure
 from orchestrator.hosts.context import HostSettings
 from orchestrator.images import recipes
 from orchestrator.inventory import load_inventory
@@ -101,14 +104,18 @@ def show_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inventory_lock(inventory):
-    """Hold the inventory's run lock: one apply or destroy of it at a time on this machine."""
-    return locks.exclusive_run(f"inventory:{inventory.name}", f"run on inventory {inventory.name}")
+def _inventory_lock(inventory, command: str):
+    """Hold the inventory's run lock: one apply, refresh or destroy of it at a time on this
+    machine. A second one exits at once and names the first, instead of waiting, because
+    an apply queued behind another apply of the same file would find nothing left to do,
+    and a silent wait would hide a run that hangs."""
+    return locks.exclusive_run(f"inventory:{inventory.name}",
+                               f"{command} of inventory {inventory.name}")
 
 
 def run_apply(args: argparse.Namespace) -> int:
     inventory = load_inventory(args.inventory)
-    with _inventory_lock(inventory):
+    with _inventory_lock(inventory, "apply"):
         return _apply(args, inventory)
 
 
@@ -120,7 +127,13 @@ def _apply(args: argparse.Namespace, inventory) -> int:
         if not plan.changes:
             _say(args, "Nothing to change: every desktop is up to date.")
         result = apply_plan(plan, printer, replace=args.replace)
-        data = status_module.collect(inventory, plan.hosts)
+        try:
+            data = status_module.collect(inventory, plan.hosts)
+        except libvirt.libvirtError as exc:
+            # The desktops' own errors below are more specific, so print them all.
+            data = None
+            result.failed["status"] = libvirt_failure("reading the desktops' status failed",
+                                                      exc)
     finally:
         plan.close()
     if args.output == "json":
@@ -130,7 +143,7 @@ def _apply(args: argparse.Namespace, inventory) -> int:
                                             "deleted": result.deleted,
                                             "skipped": result.skipped,
                                             "failed": failed}) + "\n")
-    else:
+    elif data is not None:
         _print_status(data)
         _print_parents(data)
         for name in result.skipped:
@@ -208,7 +221,7 @@ def show_status(args: argparse.Namespace) -> int:
 
 def run_refresh(args: argparse.Namespace) -> int:
     inventory = load_inventory(args.inventory)
-    with _inventory_lock(inventory):
+    with _inventory_lock(inventory, "refresh"):
         printer = output.EventPrinter(json_lines=args.output == "json")
         plan = make_plan(inventory)
         try:
@@ -222,7 +235,7 @@ def run_refresh(args: argparse.Namespace) -> int:
 
 def run_destroy(args: argparse.Namespace) -> int:
     inventory = load_inventory(args.inventory)
-    with _inventory_lock(inventory):
+    with _inventory_lock(inventory, "destroy"):
         return _destroy(args, inventory)
 
 

@@ -70,3 +70,25 @@ def is_local(uri: str) -> bool:
     if "+" in scheme and not scheme.endswith("+unix"):
         return False
     return rest.startswith("/") or rest == ""
+
+
+# The fix for an error of a libvirt connection that broke (libvirtd stopped or restarted).
+# NOTE: labctl does not reconnect, so the rest of the run fails on that connection too.
+RECONNECT_FIX = ("the connection to libvirtd was lost: check that libvirtd runs, then run "
+                 "the command again, which removes what this run left half-made")
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Return whether ``exc`` is a libvirt error of the connection itself, not of the call.
+
+    libvirt reports a closed or broken connection ("client socket is closed", "Cannot
+    recv data") from its RPC layer; errors of the daemon's drivers come from others.
+    """
+    return (isinstance(exc, libvirt.libvirtError)
+            and exc.get_error_domain() == libvirt.VIR_FROM_RPC)
+
+
+def libvirt_failure(what: str, exc: libvirt.libvirtError, *, where: str | None = None) -> HostError:
+    """Return a HostError for a failed libvirt call, with a fix if the connection broke."""
+    return HostError(f"{what}: {exc.get_error_message()}", where=where,
+                     fix=RECONNECT_FIX if connection_lost(exc) else None)

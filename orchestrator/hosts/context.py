@@ -13,6 +13,7 @@ from orchestrator.domain import DEFAULT_EMULATOR
 from orchestrator.hosts import facts
 from orchestrator.hosts.connection import open_connection
 from orchestrator.identity.allocate import HostAllocator
+from orchestrator.identity.reservations import Reservations
 from orchestrator.storage import pool as storage_pool
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class HostSettings:
     maintenance_parallel: int = 1
     ksm: bool | None = None  # turn KSM on or off at apply; None leaves it as it is
     tcg_cache_mib: int = 256  # TCG guests' translated-code cache (hosts.NAME.tcg_cache)
+    ready_timeout: float | None = None  # seconds; None takes the accelerator's default
 
 
 @dataclass
@@ -89,7 +91,7 @@ def open_host(settings: HostSettings, *, probe: bool = True) -> HostContext:
         accelerator=accelerator,
         accelerator_reason=reason,
         emulator=_emulator(conn, facts.DOMAIN_TYPES[accelerator]),
-        allocator=HostAllocator(conn),
+        allocator=HostAllocator(conn, reservations=Reservations(settings.uri)),
         provisioning=threading.Semaphore(max(1, settings.max_parallel)),
         power=threading.Semaphore(max(1, settings.power_parallel)),
         maintenance=threading.Semaphore(max(1, settings.maintenance_parallel)),

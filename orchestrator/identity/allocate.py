@@ -11,6 +11,7 @@ import xml.etree.ElementTree as ET
 import libvirt
 
 from orchestrator.errors import ConflictError
+from orchestrator.identity.reservations import Reservations
 
 MAC_PREFIX = "52:54:00"
 _MAC_IN_ARG = re.compile(r"mac=([0-9a-fA-F:]{17})")
@@ -50,43 +51,53 @@ def used_forward_ports(conn: libvirt.virConnect) -> set[int]:
 class HostAllocator:
     """Hands out MACs and ports unused on one host, remembering what it handed out.
 
-    Domains defined by other programs after the scan are not seen. libvirt rejects a
-    duplicate MAC on the same network at start, and the port probe below catches ports
-    that running processes have bound.
+    With ``reservations``, values that other labctl processes on this machine handed out
+    but have not defined in a domain yet are skipped too. Domains defined by other
+    programs after the scan are not seen. libvirt rejects a duplicate MAC on the same
+    network at start, and the port probe below catches ports that running processes
+    have bound.
     """
 
-    def __init__(self, conn: libvirt.virConnect, *, port_range: tuple[int, int] = (22000, 22999)):
+    def __init__(self, conn: libvirt.virConnect, *, port_range: tuple[int, int] = (22000, 22999),
+                 reservations: Reservations | None = None):
         self._lock = threading.Lock()
         self._macs = used_macs(conn)
         self._ports = used_forward_ports(conn)
         self._port_range = port_range
         self._random = random.SystemRandom()
+        self._reservations = reservations
+        if reservations is not None:
+            reservations.prune()
+
+    def _claim(self, kind: str, value: str) -> bool:
+        return self._reservations is None or self._reservations.claim(kind, value)
 
     def mac(self) -> str:
         with self._lock:
             for _ in range(10_000):
                 tail = ":".join(f"{self._random.randrange(256):02x}" for _ in range(3))
                 candidate = f"{MAC_PREFIX}:{tail}"
-                if candidate not in self._macs:
+                if candidate not in self._macs and self._claim("mac", candidate):
                     self._macs.add(candidate)
                     return candidate
         raise ConflictError("no free MAC address left under 52:54:00")
 
     def reserve_mac(self, mac: str) -> None:
+        """Keep ``mac`` from being handed out (a desktop re-created under its old MAC)."""
         with self._lock:
             self._macs.add(mac.lower())
+            self._claim("mac", mac.lower())
 
     def ssh_port(self) -> int:
         low, high = self._port_range
         ports = list(range(low, high + 1))
-        # A random start, because two labctl runs that scanned the host at the same moment
-        # would otherwise both pick the lowest free port, and the second QEMU fails to start.
-        # NOTE: that collision is unlikely now, not impossible (nothing reserves a port
-        # across processes until QEMU binds it).
+        # A random start, because two allocators without reservations (labctl runs on
+        # different machines) would otherwise both pick the lowest free port, and the
+        # second QEMU would fail to start.
         start = self._random.randrange(len(ports))
         with self._lock:
             for port in ports[start:] + ports[:start]:
-                if port not in self._ports and _port_free(port):
+                if port not in self._ports and _port_free(port) and self._claim("port", str(port)):
                     self._ports.add(port)
                     return port
         raise ConflictError(

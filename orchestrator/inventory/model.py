@@ -103,6 +103,10 @@ class Host(StrictModel):
         None, description="true/false: turn the host's kernel same-page merging on/off at "
         "apply (host-wide; local hosts only). Unset: leave it as it is.",
     )
+    ready_timeout: Annotated[int, Field(ge=1, le=86400)] | None = Field(
+        None, description="Seconds a desktop may take from its start to ready (guest agent, "
+        "identity, SSH login). Unset: 300 under KVM, 1200 under TCG.",
+    )
 
 
 class ImageRef(StrictModel):

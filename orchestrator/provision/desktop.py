@@ -202,8 +202,10 @@ class Provisioning:
             return
         try:
             persistent = self.domain.isPersistent()
-        except libvirt.libvirtError:
-            return  # already gone
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return  # already gone
+            raise
         with contextlib.suppress(libvirt.libvirtError):
             if self.domain.isActive():
                 self.domain.destroy()

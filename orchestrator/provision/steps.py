@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from orchestrator import cancel
 from orchestrator.errors import LabctlError
+from orchestrator.hosts.connection import RECONNECT_FIX, connection_lost
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,12 @@ class StepFailed(LabctlError):
 
     def __init__(self, desktop: str, step: str, cause: BaseException):
         message = cause.message if isinstance(cause, LabctlError) else str(cause)
+        # Keep where the cause happened (a parent VM, a storage pool) unless it is the desktop.
+        if isinstance(cause, LabctlError) and cause.where and cause.where != desktop:
+            message = f"{cause.where}: {message}"
         fix = cause.fix if isinstance(cause, LabctlError) else None
+        if connection_lost(cause):
+            fix = RECONNECT_FIX
         super().__init__(f"step {step!r} failed: {message}", where=desktop, fix=fix)
         self.step = step
         self.cause = cause

@@ -155,7 +155,7 @@ def upload(pool: libvirt.virStoragePool, name: str, source: Path, fmt: str, *,
         message = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) else str(exc)
         raise StorageError(
             f"uploading {source} into volume {name} failed: {message}",
-            where=pool.name(), fix="check free space in the storage pool",
+            where=f"storage pool {pool.name()}", fix="check free space in the storage pool",
         ) from exc
     return volume
 

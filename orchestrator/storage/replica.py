@@ -61,18 +61,61 @@ def ensure_replica(pool: libvirt.virStoragePool, image: ImageVersion) -> Replica
             f"replica {names['disk']} vanished from the storage pool", where=pool.name(),
             fix="run labctl apply again to upload it",
         )
+    _require_readable(pool, disk)
     kernel = initrd = ""
     if image.boot:
-        kernel = pool.storageVolLookupByName(names["kernel"]).path()
-        initrd = pool.storageVolLookupByName(names["initrd"]).path()
+        kernel_volume = pool.storageVolLookupByName(names["kernel"])
+        initrd_volume = pool.storageVolLookupByName(names["initrd"])
+        for volume in (kernel_volume, initrd_volume):
+            _require_readable(pool, volume)
+        kernel, initrd = kernel_volume.path(), initrd_volume.path()
     return Replica(DiskLayer(disk.path(), image.format), kernel, initrd)
+
+
+def _require_readable(pool: libvirt.virStoragePool, volume: libvirt.virStorageVol) -> None:
+    """Raise StorageError unless everyone may read ``volume``, as labctl uploaded it (0444).
+
+    QEMU runs as its own user, so a replica whose mode was changed later fails only when
+    a desktop on it starts, with QEMU's "Permission denied" on the file.
+    """
+    mode_text = ET.fromstring(volume.XMLDesc(0)).findtext("target/permissions/mode")
+    if mode_text is None:
+        return  # the storage backend does not report file modes
+    mode = int(mode_text, 8)
+    if mode & 0o004:
+        return
+    raise StorageError(
+        f"replica volume {volume.name()} is not readable by QEMU (mode {mode:04o}, "
+        "labctl uploads replicas with mode 0444)",
+        where=f"storage pool {pool.name()}",
+        fix=f"run chmod 0444 {volume.path()} on the host, or delete the volume so that "
+        "labctl apply uploads the replica again",
+    )
 
 
 def _upload(pool: libvirt.virStoragePool, image: ImageVersion, names: dict[str, str]) -> None:
     log.info("uploading replica of %s into storage pool %s", image.ref, pool.name())
-    for role in ("disk", "kernel", "initrd"):
+    _remove_members(pool, names)  # leftovers of an interrupted upload
+    try:
+        _upload_members(pool, image, names)
+    except BaseException:
+        # A failed upload (a full pool) leaves no part of the replica behind.
+        try:
+            _remove_members(pool, names)
+        except (StorageError, libvirt.libvirtError) as exc:
+            log.error("could not remove the partial replica of %s from storage pool %s: %s",
+                      image.ref, pool.name(), exc)
+        raise
+
+
+def _remove_members(pool: libvirt.virStoragePool, names: dict[str, str]) -> None:
+    for role in ("marker", "disk", "kernel", "initrd"):
         if role in names:
-            volumes.delete(pool, names[role])  # leftovers of an interrupted upload
+            volumes.delete(pool, names[role])
+
+
+def _upload_members(pool: libvirt.virStoragePool, image: ImageVersion,
+                    names: dict[str, str]) -> None:
     volumes.upload(pool, names["disk"], image.directory / image.disk.rsplit("/", 1)[-1],
                    image.format, capacity=image.virtual_size, mode="0444")
     if image.boot:
