@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
@@ -69,8 +70,8 @@ def _rolling_back(_signum: int, _frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Exit quietly when the reader of a pipe (head, less) goes away, as Unix tools do.
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    # SIGPIPE stays ignored (Python's default). With SIG_DFL, a write to the socket of a
+    # libvirtd that restarted killed labctl in the middle of a step, with no rollback.
     # SIGTERM takes the same path as Ctrl-C: interrupted desktops are rolled back.
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
@@ -93,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         print("labctl: interrupted; desktops that were being provisioned were rolled back",
               file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout (head, less) went away: exit quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ not divide evenly, preferring the storage pools that already hold more, so that 
 desktops move). Desktops in a storage pool that is not listed any more all move. A
 desktop in use or suspended (managed save) is skipped with a message; the next
 rebalance moves it. Each move is one transaction (orchestrator.storage.move) under the
-host's maintenance throttle; a failed move leaves the desktop on its old disk and the
-others go on.
+host's maintenance throttle. A failed move leaves the desktop on its old disk, and the
+other moves go on.
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def _repair_interrupted_moves(ctx: HostContext, desktops: dict, on_event: EventS
 
 
 def os_disk_of(domain: libvirt.virDomain) -> str:
-    """The file of the domain's OS disk (vda) in its persistent definition."""
+    """Return the file of the domain's OS disk (vda) in its persistent definition."""
     root = ET.fromstring(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
     for disk in root.iter("disk"):
         target = disk.find("target")

@@ -1,9 +1,9 @@
 """recompose (push image): move a pool's desktops to the image version the inventory names now.
 
 The roll re-creates each out-of-date desktop under its identity (name, UUID, MAC, SSH
-port, assigned user), free desktops first, at most the host's ``limits.provisioning`` at
-a time, and never takes so many free ready desktops down that fewer than
-``recompose.min_ready`` are left. A desktop in use is marked (``extra["recompose"]``)
+port, assigned user). Free desktops go first, at most the host's ``limits.provisioning``
+at a time. A desktop is taken down only while at least ``recompose.min_ready`` other
+free desktops stay ready. A desktop in use is marked (``extra["recompose"]``)
 and recomposed when it is released (wait-for-logoff), or after ``recompose.grace``
 seconds with its session ended (force). Rolling back is the same operation with the old
 version pinned in the inventory.
@@ -146,7 +146,7 @@ def _split(roll: _Roll, actions: list[Action]) -> tuple[list[Action], list[Actio
 
 
 def _free_ready(ctx: HostContext, actions: list[Action]) -> set[str]:
-    """The desktops ready for a new login: recorded ready, running and not in use."""
+    """Return the desktops ready for a new login: recorded ready, running and not in use."""
     ready = set()
     for action in actions:
         record = action.record
@@ -161,7 +161,7 @@ def _free_ready(ctx: HostContext, actions: list[Action]) -> set[str]:
 
 
 def _check_min_ready(roll: _Roll, free: list[Action]) -> None:
-    """Refuse, before touching anything, a roll that min_ready would block at once."""
+    """Reject, before touching anything, a roll that min_ready would block at once."""
     if not any(action.desktop in roll.ready for action in free):
         return
     if len(roll.ready) - 1 < roll.policy.min_ready:
@@ -343,7 +343,7 @@ def recompose_on_release(ctx: HostContext, inventory: str, domain: libvirt.virDo
 
 
 def _backing_of(domain: libvirt.virDomain) -> str:
-    """The path of the layer below a desktop's OS disk ("" for a full clone)."""
+    """Return the path of the layer below a desktop's OS disk ("" for a full clone)."""
     root = ET.fromstring(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
     for disk in root.iter("disk"):
         target = disk.find("target")

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.libvirt
 
 
 def make_version(base: ImageVersion, name: str, work: Path) -> ImageVersion:
-    """Register a copy of ``base`` whose disk differs in random bytes nobody reads."""
+    """Register a copy of ``base`` whose disk differs in random bytes no reader uses."""
     disk = work / f"{name}-{secrets.token_hex(4)}.qcow2"
     shutil.copyfile(base.disk, disk)
     disk.chmod(0o644)
@@ -114,7 +114,7 @@ def most_at_once(lines: list[dict]) -> int:
     return most
 
 
-def test_recompose_rolls_free_first_then_in_use_at_release(make_inventory, conn, two_versions):
+def test_recompose_in_use_waits_for_release(make_inventory, conn, two_versions):
     catalog_name, old, new = two_versions
     prefix = unique_name("rc")
     names = [f"{prefix}{n}" for n in range(1, 5)]
@@ -133,8 +133,8 @@ def test_recompose_rolls_free_first_then_in_use_at_release(make_inventory, conn,
     pin(path, catalog_name, "abcdef123456")
     refused = run_labctl("recompose", str(path), timeout=APPLY_TIMEOUT)
     assert refused.returncode != 0, describe_run(refused)
-    assert f"{path}:" in refused.stderr and "not in the catalog" in refused.stderr, (
-        f"the error names no FILE:LINE or no reason: {refused.stderr}")
+    assert f"{path}:" in refused.stderr, f"the error names no FILE:LINE: {refused.stderr}"
+    assert "not in the catalog" in refused.stderr, f"the error gives no reason: {refused.stderr}"
     unchanged = status_desktops(path)
     assert all(unchanged[n]["generation"] == before[n]["generation"] for n in names)
 
@@ -148,7 +148,8 @@ def test_recompose_rolls_free_first_then_in_use_at_release(make_inventory, conn,
         assert after[name]["image"] == new.ref, f"{name} is on {after[name]['image']}"
     assert after[busy]["image"] == old.ref, "the desktop in use was recomposed under its user"
     record = metadata.read(conn.lookupByName(busy))
-    assert record.extra.get(MARK) == new.ref and record.session_user == "alice", record
+    assert record.extra.get(MARK) == new.ref, f"{busy} is not marked: {record.extra}"
+    assert record.session_user == "alice", f"{busy}: session changed to {record.session_user}"
     assert os.path.exists(replica_file(old.version)), "the replica in use was removed"
     kinds = [(e.desktop, e.kind) for e in events.recent(load_inventory(path).name)]
     assert (busy, "recompose-wait") in kinds, kinds
@@ -172,3 +173,30 @@ def test_recompose_rolls_free_first_then_in_use_at_release(make_inventory, conn,
         assert rolled_back[name]["image"] == old.ref, f"{name} is on {rolled_back[name]['image']}"
         assert rolled_back[name]["uuid"] == before[name]["uuid"], f"{name}: UUID changed"
     assert not os.path.exists(replica_file(new.version)), "the replica rolled back from stayed"
+
+
+def test_recompose_force_ends_session(make_inventory, conn, two_versions):
+    catalog_name, old, new = two_versions
+    prefix = unique_name("rf")
+    names = [f"{prefix}1", f"{prefix}2"]
+    path = make_inventory(
+        {"lab": {"image": "gold", "clone": "linked", "size": 2, "naming": f"{prefix}{{n}}",
+                 "recompose": {"strategy": "force", "grace": 3}}},
+        images={"gold": {"catalog": catalog_name, "version": old.version}},
+        defaults=DEFAULTS)
+    apply_ok(path)
+    before = status_desktops(path)
+    set_session(conn, names[1], "bob")
+
+    pin(path, catalog_name, new.version)
+    summary, _lines = recompose_json(path)
+    assert sorted(summary["recomposed"]) == names, summary
+    assert summary["waiting"] == [], summary
+    after = status_desktops(path)
+    for name in names:
+        assert after[name]["image"] == new.ref, f"{name} is on {after[name]['image']}"
+        assert after[name]["uuid"] == before[name]["uuid"], f"{name}: UUID changed"
+    record = metadata.read(conn.lookupByName(names[1]))
+    assert record.session_user == "", f"the forced session stayed: {record.session_user}"
+    kinds = [(e.desktop, e.kind) for e in events.recent(load_inventory(path).name)]
+    assert (names[1], "session-ended") in kinds, kinds

@@ -1,11 +1,11 @@
 """Moving one desktop's OS disk to another storage pool of its host, as one transaction.
 
-The steps run under the host's maintenance throttle: check the free space, shut the
-desktop down, copy the disk into the target storage pool next to the replica there
-(uploaded once), point the copy at that replica (``qemu-img rebase -u``), verify the
-chain with ``qemu-img info --backing-chain`` and ``qemu-img check``, redefine the domain
-with the new path, start it again if it ran and wait until it is ready. Only then is the
-old disk deleted. A failing step undoes the earlier ones, so the desktop is back on its
+The steps run under the host's maintenance throttle. They check the free space, shut
+the desktop down and copy the disk into the target storage pool, next to the replica
+there (uploaded once). The copy is pointed at that replica (``qemu-img rebase -u``) and
+verified with ``qemu-img info --backing-chain`` and ``qemu-img check``. Then the domain
+is redefined with the new path, started again if it ran, and awaited until ready. Only
+then is the old disk deleted. A failing step undoes the earlier ones, so the desktop is back on its
 old disk. The NoCloud seed stays where it is: it is small and read-only.
 """
 
@@ -183,7 +183,7 @@ class DiskMove:
     # -- helpers -------------------------------------------------------------------
 
     def image(self) -> ImageVersion:
-        """The catalog version the desktop's disk is based on now."""
+        """Return the catalog version the desktop's disk is based on now."""
         name, _, version = self.record.image.partition("@")
         try:
             return catalog.resolve(name, version)
@@ -201,7 +201,8 @@ def _replica_marker(image: ImageVersion) -> str:
 
 
 def replica_bytes(image: ImageVersion) -> int:
-    """Bytes a replica of ``image`` takes in a storage pool (uploads are not sparse)."""
+    """Return the bytes a replica of ``image`` takes in a storage pool (uploads are not
+    sparse)."""
     files = [Path(image.disk)]
     if image.boot:
         files += [image.boot_path(image.boot.kernel), image.boot_path(image.boot.initrd)]
@@ -242,7 +243,7 @@ def shut_down(domain: libvirt.virDomain, *, timeout: float) -> None:
 
 def wait_ready_again(domain: libvirt.virDomain, record: DesktopRecord, access_key: str, *,
                      timeout: float) -> None:
-    """Wait until a restarted desktop answers: agent, identity, and SSH with its host key."""
+    """Wait until a restarted desktop is ready: agent, identity, and SSH with its host key."""
     mode = record.extra.get("network_mode", "user")
     address = {"user": "127.0.0.1", "none": ""}.get(mode)
     if address is None:

@@ -1,4 +1,4 @@
-"""Placement: which storage pool of a pool's ``storage:`` list holds each desktop's volumes.
+"""Placement: which storage pool of a pool's ``storage:`` list stores each desktop's volumes.
 
 A desktop that exists stays where it is while its storage pool is still listed; a new
 one (or one whose storage pool left the list) goes to the listed storage pool holding
@@ -17,7 +17,7 @@ from orchestrator.state.metadata import DesktopRecord
 
 
 def storage_of(disk: str, paths: dict[str, str]) -> str:
-    """Return the name of the storage pool whose directory holds ``disk`` ("" if none)."""
+    """Return the name of the storage pool whose directory contains ``disk`` ("" if none)."""
     directory = os.path.dirname(os.path.normpath(disk))
     for name, path in paths.items():
         if os.path.normpath(path) == directory:
@@ -26,7 +26,7 @@ def storage_of(disk: str, paths: dict[str, str]) -> str:
 
 
 def least_used(counts: dict[str, int]) -> str:
-    """The storage pool with the fewest desktops; the first listed on a tie."""
+    """Return the storage pool with the fewest desktops (the first listed on a tie)."""
     return min(counts, key=lambda name: counts[name])
 
 
@@ -34,7 +34,7 @@ def place(inventory: Inventory, paths: dict[str, str], requests: list[DesktopReq
           observed: dict[str, DesktopRecord]) -> list[DesktopRequest]:
     """Return ``requests`` with ``storage_pool`` set for pools that list ``storage:``.
 
-    ``paths`` maps the host's storage pools to their directories; ``observed`` holds the
+    ``paths`` maps the host's storage pools to their directories; ``observed`` contains the
     records of the desktops that exist, by name.
     """
     placed = []
