@@ -95,7 +95,9 @@ def _quotas(total: int, storage: list[str], counts: dict[str, int]) -> dict[str,
 def rebalance(plan: Plan, pools: list[str], on_event: EventSink) -> RebalanceResult:
     """Spread the desktops of ``pools`` over their storage pools; return what moved."""
     result = RebalanceResult()
-    access_key = keys.access_key(plan.inventory.name, create=False)
+    # An inventory without desktops may have no key yet; one with desktops must have it.
+    has_desktops = any(action.record is not None for action in plan.actions)
+    access_key = keys.access_key(plan.inventory.name, create=not has_desktops)
     for pool_key in check_pools(plan, pools):
         _rebalance_pool(plan, pool_key, access_key.private, on_event, result)
     for ctx in plan.hosts.values():

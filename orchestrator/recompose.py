@@ -96,7 +96,9 @@ def recompose(plan: Plan, pools: list[str], on_event: EventSink, *,
     """
     result = RecomposeResult()
     rolls = []
-    access_key = keys.access_key(plan.inventory.name, create=False)
+    # An inventory without desktops may have no key yet; one with desktops must have it.
+    has_desktops = any(action.record is not None for action in plan.actions)
+    access_key = keys.access_key(plan.inventory.name, create=not has_desktops)
     for pool_key in check_pools(plan, pools):
         actions = [a for a in plan.actions if a.pool == pool_key and a.record is not None]
         if not actions:

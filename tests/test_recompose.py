@@ -200,3 +200,24 @@ def test_recompose_force_ends_session(make_inventory, conn, two_versions):
     assert record.session_user == "", f"the forced session stayed: {record.session_user}"
     kinds = [(e.desktop, e.kind) for e in events.recent(load_inventory(path).name)]
     assert (names[1], "session-ended") in kinds, kinds
+
+
+def test_recompose_unknown_image_fails(make_inventory):
+    path = make_inventory(
+        {"lab": {"image": "gold", "clone": "linked", "size": 1, "naming": "rcx{n}"}},
+        images={"gold": {"catalog": "nope"}}, defaults=DEFAULTS)
+    result = run_labctl("recompose", str(path), timeout=120)
+    assert result.returncode != 0, describe_run(result)
+    lines = path.read_text().splitlines()
+    line = next(n for n, text in enumerate(lines, start=1) if text.strip() == "gold:")
+    assert f"{path}:{line}" in result.stderr, f"no FILE:LINE of the image: {result.stderr}"
+    assert "image nope is not in the catalog" in result.stderr, result.stderr
+    assert "labctl image import" in result.stderr, f"no fix given: {result.stderr}"
+
+
+def test_recompose_unknown_pool_fails(make_inventory):
+    path = make_inventory({"lab": {"image": "tiny", "clone": "linked", "size": 1,
+                                   "naming": "rcy{n}"}}, defaults=DEFAULTS)
+    result = run_labctl("recompose", str(path), "nosuchpool", timeout=120)
+    assert result.returncode != 0, describe_run(result)
+    assert "pool nosuchpool is not in inventory" in result.stderr, result.stderr

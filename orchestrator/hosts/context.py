@@ -64,7 +64,8 @@ class HostContext:
         return self._pool
 
     def storage(self, name: str = "") -> libvirt.virStoragePool:
-        """The storage pool ``name`` (empty: the host's own), defined and started on first use."""
+        """Return the storage pool ``name`` (empty: the host's own), defined and started on first
+        use."""
         if not name or name == self.settings.storage_pool:
             return self.pool
         if name not in self._more_pools:
@@ -79,12 +80,12 @@ class HostContext:
         return self._more_pools[name]
 
     def storage_paths(self) -> dict[str, str]:
-        """Every storage pool of the host (its own first): name -> directory."""
+        """Return every storage pool of the host (its own first) as name -> directory."""
         return {self.settings.storage_pool: self.settings.storage_path,
                 **self.settings.storage_pools}
 
     def existing_pools(self) -> list[libvirt.virStoragePool]:
-        """The host's storage pools that exist, without creating any."""
+        """Return the host's storage pools that exist, without creating any."""
         found = []
         for name in self.storage_paths():
             try:
