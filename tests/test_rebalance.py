@@ -23,7 +23,11 @@ from test_apply_tiny import (
     status_desktops,
 )
 
-from orchestrator.rebalance import Move, plan_moves
+from orchestrator.errors import GuestTimeout
+from orchestrator.inventory import load_inventory
+from orchestrator.plan import make_plan
+from orchestrator.rebalance import Move, plan_moves, rebalance
+from orchestrator.storage import move
 
 LIBVIRTD_PID = Path("/run/libvirtd.pid")
 
@@ -153,3 +157,36 @@ def test_rebalance_spreads_linked_pool_over_two_storage_pools(spare_storage, mak
     unmoved = status_desktops(path)[victim]
     assert unmoved["disk"]["path"] == after[victim]["disk"]["path"], "the failed move moved"
     assert unmoved["state"] == "running", f"{victim} was left {unmoved['state']}"
+
+
+def test_rebalance_failed_start_restores_old_disk(spare_storage, make_inventory, monkeypatch):
+    plain = list(spare_storage)[0]
+    prefix = unique_name("rb")
+    name = f"{prefix}1"
+    hosts = {"local": {"uri": URI, "storage": {"pool": TEST_POOL, "path": TEST_POOL_PATH},
+                       "storage_pools": [{"pool": plain, "path": spare_storage[plain]}]}}
+    path = make_inventory({"lab": pool(prefix, 1) | {"storage": [TEST_POOL]}}, hosts=hosts,
+                          defaults=DEFAULTS)
+    apply_ok(path)
+    before = status_desktops(path)[name]
+    set_storage(path, [plain])
+
+    def not_ready(domain, *_args, **_kwargs):
+        raise GuestTimeout("made to time out", where=domain.name())
+
+    monkeypatch.setattr(move, "wait_ready_again", not_ready)
+    plan = make_plan(load_inventory(path))
+    try:
+        result = rebalance(plan, [], lambda *_: None)
+    finally:
+        plan.close()
+    assert list(result.failed) == [name], result
+    assert "made to time out" in str(result.failed[name]), result.failed[name]
+    after = status_desktops(path)[name]
+    assert after["disk"]["path"] == before["disk"]["path"], "the desktop stayed on the copy"
+    assert os.path.exists(before["disk"]["path"]), "the old disk was deleted"
+    copy = Path(spare_storage[plain]) / f"labctl-{name}-os.qcow2"
+    assert not copy.exists(), f"the copy {copy} stayed"
+    assert after["state"] == "running", f"{name} was left {after['state']}"
+    hostname = guest_output(path, name, "hostname")
+    assert hostname.stdout.strip() == name, describe_run(hostname)

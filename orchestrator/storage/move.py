@@ -169,7 +169,13 @@ class DiskMove:
             return
         with self.ctx.power:
             self.domain.create()
-        wait_ready_again(self.domain, self.record, self.access_key, timeout=self.ready_timeout)
+        try:
+            wait_ready_again(self.domain, self.record, self.access_key,
+                             timeout=self.ready_timeout)
+        except BaseException:
+            # The undo of the earlier steps needs the copy closed: it deletes it.
+            self.stop()
+            raise
 
     def stop(self) -> None:
         with contextlib.suppress(libvirt.libvirtError):
