@@ -87,12 +87,13 @@ def check_pools(plan: Plan, names: list[str]) -> list[str]:
     return names or known
 
 
-def recompose(plan: Plan, pools: list[str], on_event: EventSink, *,
+def recompose(plan: Plan, pools: list[str], on_event: EventSink, *, wait: bool = True,
               sleep: Callable[[float], None] = time.sleep) -> RecomposeResult:
     """Roll the out-of-date desktops of ``pools`` to the inventory's image versions.
 
     The plan resolved every image first, so an image missing from the catalog failed
-    before anything was touched.
+    before anything was touched. With ``wait=False``, a force pool's desktops in use whose
+    grace period has not ended stay waiting, for a later run (the deadline is recorded).
     """
     result = RecomposeResult()
     rolls = []
@@ -114,7 +115,7 @@ def recompose(plan: Plan, pools: list[str], on_event: EventSink, *,
         _run_roll(roll, free)
     for roll, (_free, busy) in rolls:
         if busy and roll.policy.strategy == "force" and not roll.stopped:
-            _force(roll, busy, sleep)
+            _force(roll, busy, sleep if wait else None)
     for key, ctx in plan.hosts.items():
         remove_unused_bases(ctx, plan.inventory.name, _parent_keys(plan, key), on_event)
     return result
@@ -183,14 +184,16 @@ def _mark_busy(roll: _Roll, busy: list[Action]) -> None:
         record = metadata.read(domain)
         if record is None:
             continue
-        record.extra[MARK] = action.request.image.ref
         message = f"in use by {record.session_user}: recomposed to {action.request.image.ref}"
         if roll.policy.strategy == "force":
-            deadline = datetime.now(timezone.utc) + timedelta(seconds=roll.policy.grace)
-            record.extra[DEADLINE] = deadline.isoformat(timespec="seconds")
+            if record.extra.get(MARK) != action.request.image.ref or DEADLINE not in record.extra:
+                # A later run for the same image keeps the deadline the first run set.
+                deadline = datetime.now(timezone.utc) + timedelta(seconds=roll.policy.grace)
+                record.extra[DEADLINE] = deadline.isoformat(timespec="seconds")
             message += f" at {record.extra[DEADLINE]}, its session ended"
         else:
             message += " when it is released"
+        record.extra[MARK] = action.request.image.ref
         metadata.write(domain, record)
         _event(roll, action.desktop, "recompose-wait", message)
         roll.result.waiting.append(action.desktop)
@@ -252,11 +255,19 @@ def _recompose_one(roll: _Roll, action: Action) -> None:
     _event(roll, action.desktop, "recompose", f"done: on {action.request.image.ref}")
 
 
-def _force(roll: _Roll, busy: list[Action], sleep: Callable[[float], None]) -> None:
-    """Wait out the grace period, end the sessions still open and recompose those desktops."""
-    deadline = _deadline_of(roll.ctx, busy)
+def _force(roll: _Roll, busy: list[Action], sleep: Callable[[float], None] | None) -> None:
+    """Wait out the grace period, end the sessions still open and recompose those desktops.
+
+    Without ``sleep``, only desktops whose grace period has already ended are recomposed.
+    """
+    if sleep is None:
+        now = datetime.now(timezone.utc)
+        busy = [a for a in busy if _deadline_of(roll.ctx, [a], now) <= now]
+        if not busy:
+            return
+    deadline = _deadline_of(roll.ctx, busy, datetime.now(timezone.utc))
     left = (deadline - datetime.now(timezone.utc)).total_seconds()
-    if left > 0:
+    if left > 0 and sleep is not None:
         log.info("pool %s: %d desktops in use, recomposed in %.0f s", roll.pool_key,
                  len(busy), left)
         sleep(left)
@@ -269,8 +280,8 @@ def _force(roll: _Roll, busy: list[Action], sleep: Callable[[float], None]) -> N
     _run_roll(roll, still)
 
 
-def _deadline_of(ctx: HostContext, busy: list[Action]) -> datetime:
-    latest = datetime.now(timezone.utc)
+def _deadline_of(ctx: HostContext, busy: list[Action], latest: datetime) -> datetime:
+    """Return the latest recorded deadline of ``busy``, or ``latest`` if it is later."""
     for action in busy:
         record = metadata.read(ctx.conn.lookupByName(action.desktop))
         if record is not None and record.extra.get(DEADLINE):

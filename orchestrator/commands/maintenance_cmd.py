@@ -20,6 +20,9 @@ def register(commands, add_output) -> None:
         "each desktop's identity (desktops in use wait for logoff, or the grace period)")
     parser.add_argument("inventory", type=Path)
     parser.add_argument("pools", nargs="*", metavar="POOL", help="pools (default: all)")
+    parser.add_argument("--no-wait", action="store_true",
+                        help="strategy force: do not wait for the grace period to end; desktops "
+                        "in use are recomposed by a run after it")
     add_output(parser)
     parser.set_defaults(handler=run_recompose)
 
@@ -47,7 +50,10 @@ def _run_locked(args: argparse.Namespace, work) -> dict:
 
 
 def run_recompose(args: argparse.Namespace) -> int:
-    result = _run_locked(args, lambda plan, printer: recompose(plan, args.pools, printer))
+    def work(plan, printer):
+        return recompose(plan, args.pools, printer, wait=not args.no_wait)
+
+    result = _run_locked(args, work)
     summary = {"recomposed": sorted(result.recomposed), "waiting": sorted(result.waiting),
                "not_done": result.not_done, "up_to_date": sorted(result.up_to_date),
                "failed": {name: str(error) for name, error in result.failed.items()}}
