@@ -111,8 +111,12 @@ def recompose(plan: Plan, pools: list[str], on_event: EventSink, *, wait: bool =
     for roll, (free, busy) in rolls:
         _check_min_ready(roll, free)
     for roll, (free, busy) in rolls:
-        _mark_busy(roll, busy)
         _run_roll(roll, free)
+        if roll.stopped:
+            # A stopped roll marks nothing, so no release recomposes a desktop after it.
+            roll.result.not_done += [action.desktop for action in busy]
+        else:
+            _mark_busy(roll, busy)
     for roll, (_free, busy) in rolls:
         if busy and roll.policy.strategy == "force" and not roll.stopped:
             _force(roll, busy, sleep if wait else None)

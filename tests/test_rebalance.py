@@ -188,5 +188,17 @@ def test_rebalance_failed_start_restores_old_disk(spare_storage, make_inventory,
     copy = Path(spare_storage[plain]) / f"labctl-{name}-os.qcow2"
     assert not copy.exists(), f"the copy {copy} stayed"
     assert after["state"] == "running", f"{name} was left {after['state']}"
-    hostname = guest_output(path, name, "hostname")
+    hostname = ssh_hostname(path, name)
     assert hostname.stdout.strip() == name, describe_run(hostname)
+
+
+def ssh_hostname(path: Path, name: str) -> subprocess.CompletedProcess:
+    """Read the guest's hostname over SSH, retrying while sshd in a fresh boot starts."""
+    for _attempt in range(3):
+        try:
+            result = guest_output(path, name, "hostname")
+        except subprocess.TimeoutExpired:
+            continue
+        if result.returncode == 0:
+            return result
+    return guest_output(path, name, "hostname")

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import libvirt
 
-from orchestrator.errors import LabctlError, StorageError
+from orchestrator.errors import GuestError, LabctlError, StorageError
+from orchestrator.guest import agent
 from orchestrator.hosts.context import HostContext
 from orchestrator.images import catalog
 from orchestrator.images.catalog import ImageVersion
@@ -111,9 +112,16 @@ class DiskMove:
                 shut_down(self.domain, timeout=SHUTDOWN_TIMEOUT)
 
     def start_old(self) -> None:
-        if self.was_running and not self.domain.isActive():
-            with self.ctx.power:
-                self.domain.create()
+        """Start the desktop again on its old disk and wait for its guest agent."""
+        if not self.was_running or self.domain.isActive():
+            return
+        with self.ctx.power:
+            self.domain.create()
+        try:
+            agent.wait_for_agent(self.domain, timeout=self.ready_timeout)
+        except GuestError as exc:
+            log.warning("%s: back on its old disk, but its guest agent did not respond: %s",
+                        self.name, exc)
 
     def copy(self) -> None:
         """Copy the disk into the target pool and point it at the replica there.
