@@ -152,7 +152,9 @@ def test_rebalance_spreads_linked_pool_over_two_storage_pools(spare_storage, mak
     set_storage(path, [TEST_POOL, plain, small])
     full = run_labctl("rebalance", str(path), timeout=APPLY_TIMEOUT)
     assert full.returncode == 1, describe_run(full)
-    assert f"storage pool {small} has" in full.stderr and "bytes" in full.stderr, full.stderr
+    assert f"storage pool {small} has" in full.stderr, f"no target named: {full.stderr}"
+    assert "bytes free" in full.stderr, f"no free bytes given: {full.stderr}"
+    assert "needs" in full.stderr, f"no needed bytes given: {full.stderr}"
     victim = next(n for n in names if f"desktop {n}" in full.stderr)
     unmoved = status_desktops(path)[victim]
     assert unmoved["disk"]["path"] == after[victim]["disk"]["path"], "the failed move moved"

@@ -154,12 +154,15 @@ class DiskMove:
             assert self.replica is not None
             expected.append(self.replica.disk.path)
             if chain[0].backing_format != self.replica.disk.format:
-                raise StorageError(f"the copy records backing format {chain[0].backing_format}",
-                                   where=self.new_disk)
+                raise StorageError(
+                    f"the copy records backing format {chain[0].backing_format}, expected "
+                    f"{self.replica.disk.format}", where=self.new_disk,
+                    fix="check qemu-img rebase; the desktop stays on its old disk")
         if [layer.path for layer in chain] != expected:
             raise StorageError(
                 f"the copy's backing chain is {[layer.path for layer in chain]}, expected "
                 f"{expected}", where=self.new_disk,
+                fix="check qemu-img rebase; the desktop stays on its old disk",
             )
         qemuimg.check(self.new_disk)
 
