@@ -23,12 +23,11 @@ from orchestrator.instant.child import ChildProvisioning
 from orchestrator.provision.desktop import KeptIdentity, Provisioning
 from orchestrator.provision.request import DesktopRequest
 from orchestrator.provision.hardware import update_hardware
-from orchestrator.provision.remove import remove_desktop
+from orchestrator.provision.remove import remove_desktop, remove_unused_bases
 from orchestrator.provision.steps import EventSink
 from orchestrator.instant import parent
 from orchestrator.state import metadata
 from orchestrator.state.metadata import DesktopRecord
-from orchestrator.storage import replica
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +84,7 @@ def _remove_unused(plan: Plan, key: str, ctx: HostContext, on_event: EventSink) 
     keep = {parent.parent_key(a.request, a.request.instant, ctx.domain_type)
             for a in plan.actions
             if a.host == key and a.request is not None and a.request.clone == "instant"}
-    parent.remove_unused_parents(ctx, plan.inventory.name, keep, on_event)
-    pool = ctx.existing_pool()
-    if pool is not None:
-        replica.remove_unused(pool)
+    remove_unused_bases(ctx, plan.inventory.name, keep, on_event)
 
 
 def _has_desktops(plan: Plan) -> bool:

@@ -26,7 +26,7 @@ from orchestrator.inventory.naming import expand_hostname
 from orchestrator.provision.request import DesktopRequest, NetworkSpec
 from orchestrator.state import metadata
 from orchestrator.state.metadata import DesktopRecord
-from orchestrator.storage import qemuimg
+from orchestrator.storage import placement, qemuimg
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ def host_settings(inventory: Inventory, key: str) -> HostSettings:
         max_parallel=host.limits.provisioning, power_parallel=host.limits.power,
         maintenance_parallel=host.limits.maintenance, ksm=host.ksm,
         tcg_cache_mib=host.tcg_cache // MIB, ready_timeout=host.ready_timeout,
+        storage_pools={extra.pool: extra.path for extra in host.storage_pools},
     )
 
 
@@ -307,6 +308,8 @@ def _exists(domain: libvirt.virDomain) -> bool:
 def _diff(plan: Plan, ctx: HostContext, requests: list[DesktopRequest]) -> None:
     observed = observed_desktops(ctx, plan.inventory.name)
     _check_same_file(plan.inventory, observed)
+    requests = placement.place(plan.inventory, ctx.storage_paths(), requests,
+                               {name: record for name, (_d, record) in observed.items()})
     wanted = {request.name for request in requests}
     for request in requests:
         found = observed.get(request.name)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import libvirt
 
 from orchestrator.domain import DEFAULT_EMULATOR
+from orchestrator.errors import StorageError
 from orchestrator.hosts import facts
 from orchestrator.hosts.connection import open_connection
 from orchestrator.identity.allocate import HostAllocator
@@ -34,6 +35,8 @@ class HostSettings:
     ksm: bool | None = None  # turn KSM on or off at apply; None leaves it as it is
     tcg_cache_mib: int = 256  # TCG guests' translated-code cache (hosts.NAME.tcg_cache)
     ready_timeout: float | None = None  # seconds; None takes the accelerator's default
+    # More storage pools of the host (hosts.NAME.storage_pools): name -> directory.
+    storage_pools: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -48,6 +51,7 @@ class HostContext:
     power: threading.Semaphore
     maintenance: threading.Semaphore
     _pool: libvirt.virStoragePool | None = field(default=None, repr=False)
+    _more_pools: dict[str, libvirt.virStoragePool] = field(default_factory=dict, repr=False)
 
     @property
     def domain_type(self) -> str:
@@ -61,6 +65,37 @@ class HostContext:
                 self.conn, self.settings.storage_pool, self.settings.storage_path
             )
         return self._pool
+
+    def storage(self, name: str = "") -> libvirt.virStoragePool:
+        """Return the storage pool ``name`` (empty: the host's own), defined and started on first
+        use."""
+        if not name or name == self.settings.storage_pool:
+            return self.pool
+        if name not in self._more_pools:
+            path = self.settings.storage_pools.get(name)
+            if path is None:
+                raise StorageError(
+                    f"storage pool {name} is not a storage pool of host {self.settings.name}",
+                    where=self.settings.uri,
+                    fix=f"list it under hosts.{self.settings.name}.storage_pools",
+                )
+            self._more_pools[name] = storage_pool.ensure_pool(self.conn, name, path)
+        return self._more_pools[name]
+
+    def storage_paths(self) -> dict[str, str]:
+        """Return every storage pool of the host (its own first) as name -> directory."""
+        return {self.settings.storage_pool: self.settings.storage_path,
+                **self.settings.storage_pools}
+
+    def existing_pools(self) -> list[libvirt.virStoragePool]:
+        """Return the host's storage pools that exist, without creating any."""
+        found = []
+        for name in self.storage_paths():
+            try:
+                found.append(self.conn.storagePoolLookupByName(name))
+            except libvirt.libvirtError:
+                continue
+        return found
 
     def existing_pool(self) -> libvirt.virStoragePool | None:
         """Return the storage pool if it exists, without creating it."""

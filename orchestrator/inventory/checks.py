@@ -94,6 +94,14 @@ def _check_storage(inventory: Inventory, name: str, pool: Pool) -> None:
     if host is None or not pool.storage:
         return
     known = [host.storage.pool] + [extra.pool for extra in host.storage_pools]
+    if pool.clone == "instant" and pool.storage != [host.storage.pool]:
+        raise InventoryError(
+            f"pools.{name}.storage: instant clones stay in host {quote(pool.host)}'s own "
+            f"storage pool {quote(host.storage.pool)}: their overlays sit on the parent VM's "
+            "disk, which lives there",
+            where=inventory.where(("pools", name, "storage")),
+            fix="remove storage: from this pool, or use clone: linked to spread desktops",
+        )
     for position, storage in enumerate(pool.storage):
         if storage in known:
             continue

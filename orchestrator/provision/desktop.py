@@ -43,16 +43,19 @@ def console_log_path(desktop: str) -> str:
 
 @dataclass(frozen=True)
 class KeptIdentity:
-    """The identity a refreshed desktop keeps (UUID, MAC, SSH port); its generation goes up."""
+    """The identity a refreshed desktop keeps (UUID, MAC, SSH port and the user it is
+    assigned to); its generation goes up."""
 
     uuid: str
     mac: str
     ssh_port: int
     generation: int
+    assigned_to: str = ""
 
     @classmethod
     def of(cls, domain: libvirt.virDomain, record: DesktopRecord) -> KeptIdentity:
-        return cls(domain.UUIDString(), record.mac, record.ssh_port, record.generation)
+        return cls(domain.UUIDString(), record.mac, record.ssh_port, record.generation,
+                   record.assigned_to)
 
 
 @dataclass
@@ -93,6 +96,11 @@ class Provisioning:
         assert self.record is not None
         return self.record
 
+    @property
+    def storage(self) -> libvirt.virStoragePool:
+        """The storage pool of this desktop's volumes (plan places it over pools.NAME.storage)."""
+        return self.ctx.storage(self.request.storage_pool)
+
     def os_volume(self) -> str:
         return os_volume_name(self.request.name)
 
@@ -106,7 +114,7 @@ class Provisioning:
         # With no domain of that name, labctl-named volumes of this desktop are
         # leftovers of an interrupted run: adopt them by removing them.
         for name in (self.os_volume(), self.seed_volume()):
-            if volumes.delete(self.ctx.pool, name):
+            if volumes.delete(self.storage, name):
                 log.info("%s: removed leftover volume %s", self.request.name, name)
 
     def make_identity(self) -> None:
@@ -143,7 +151,7 @@ class Provisioning:
     def create_os_disk(self) -> None:
         """Ensure the replica and create the desktop's disk on it under the replica's lock."""
         started = time.monotonic()
-        pool, image = self.ctx.pool, self.request.image
+        pool, image = self.storage, self.request.image
         with replica_lock(pool, image.version):
             self.replica = ensure_replica(pool, image)
             self.timings["replica"] = time.monotonic() - started
@@ -159,29 +167,29 @@ class Provisioning:
         assert self.replica is not None
         name = self.os_volume()
         if self.backing_layers():
-            volume = volumes.create_overlay(self.ctx.pool, name, self.backing_layers()[0],
+            volume = volumes.create_overlay(self.storage, name, self.backing_layers()[0],
                                             self.request.disk_size)
         else:
             source = self.ctx.conn.storageVolLookupByPath(self.replica.disk.path)
-            volume = volumes.clone_volume(self.ctx.pool, name, source, self.request.disk_size)
+            volume = volumes.clone_volume(self.storage, name, source, self.request.disk_size)
         self.os_disk = volume.path()
 
     def remove_os_disk(self) -> None:
-        volumes.delete(self.ctx.pool, self.os_volume())
+        volumes.delete(self.storage, self.os_volume())
 
     def create_seed(self) -> None:
         started = time.monotonic()
         assert self.identity is not None
         name = self.seed_volume()
         data = build_seed(self.identity).to_iso()
-        seed = volumes.upload_bytes(self.ctx.pool, name, data, mode="0600")
+        seed = volumes.upload_bytes(self.storage, name, data, mode="0600")
         self.seed = seed.path()
         self.timings["storage"] += time.monotonic() - started
         os_disk = self.ctx.conn.storageVolLookupByPath(self.os_disk)
         self.timings["disk_bytes"] = float(os_disk.info()[2] + seed.info()[2])
 
     def remove_seed(self) -> None:
-        volumes.delete(self.ctx.pool, self.seed_volume())
+        volumes.delete(self.storage, self.seed_volume())
 
     def define(self) -> None:
         started = time.monotonic()
@@ -276,6 +284,7 @@ class Provisioning:
             state="provisioning",
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             config_hash=request.config_hash(),
+            assigned_to=self.kept.assigned_to if self.kept else "",
             extra={
                 "ssh_host_key": identity.ssh_host_key.public,
                 "login_user": request.login_user,

@@ -81,9 +81,15 @@ def destroy_inventory(ctx: HostContext, inventory: str, on_event: EventSink) -> 
             remove_desktop(ctx, domain, inventory, on_event)
         except LabctlError as exc:
             errors.append(exc)
-    parent.remove_unused_parents(ctx, inventory, set(), on_event)
-    pool = ctx.existing_pool()
-    if pool is not None:
+    remove_unused_bases(ctx, inventory, set(), on_event)
+    return errors
+
+
+def remove_unused_bases(ctx: HostContext, inventory: str, keep: set[str],
+                        on_event: EventSink) -> None:
+    """Remove the inventory's parent VMs that no child uses (except usable ones in ``keep``)
+    and the replicas no domain or volume uses, in every storage pool of the host."""
+    parent.remove_unused_parents(ctx, inventory, keep, on_event)
+    for pool in ctx.existing_pools():
         for volume in replica.remove_unused(pool):
             on_event(volume, "remove", "unused replica removed")
-    return errors

@@ -45,6 +45,8 @@ class DesktopRequest:
     # Instant clones: the method their children are made with on this host.
     instant: str = ""
     share_memory: bool = True
+    # The storage pool of the desktop's volumes (empty: the host's own); plan places it.
+    storage_pool: str = ""
 
     @property
     def fqdn(self) -> str:
@@ -78,7 +80,7 @@ class DesktopRequest:
         data["image"] = self.image.ref
         # Hardware changes are applied in place (see hardware_hash), not by re-creating.
         for volatile in ("name", "index", "ready_timeout", "vcpus", "memory_bytes",
-                         "inventory_path"):
+                         "inventory_path", "storage_pool"):
             data.pop(volatile)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

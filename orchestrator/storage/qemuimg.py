@@ -111,3 +111,16 @@ def create_overlay(path: str | Path, backing: str | Path, backing_format: str,
     if size is not None:
         argv.append(str(size))
     _run(argv, what="creating the overlay (qemu-img create)", path=str(path))
+
+
+def rebase(path: str | Path, backing: str | Path, backing_format: str) -> None:
+    """Point the qcow2 overlay ``path`` at ``backing`` without copying any data (``-u``).
+
+    Only for a backing file with the same content as the old one, e.g. a replica of the
+    same image version in another storage pool.
+    """
+    if not Path(backing).is_absolute():
+        raise ValueError(f"backing path must be absolute, got {backing}")
+    argv = [QEMU_IMG, "rebase", "-u", "-f", "qcow2", "-F", backing_format, "-b", str(backing),
+            str(path)]
+    _run(argv, what="re-pointing the overlay (qemu-img rebase)", path=str(path))
