@@ -89,5 +89,6 @@ def _known_hosts_file(desktop: str, port: int, host_key: str) -> str:
         raise GuestError("the desktop's host key is not recorded", fix="re-create the desktop")
     directory = paths.ensure_private_dir(paths.state_dir() / "known_hosts")
     path = directory / f"{desktop}.known"
-    path.write_text(f"{known_hosts_name('127.0.0.1', port)} {host_key}\n")
+    line = f"{known_hosts_name('127.0.0.1', port)} {host_key}\n"
+    paths.write_private_file(path, line.encode())
     return str(path)
