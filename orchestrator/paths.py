@@ -23,7 +23,7 @@ def state_dir() -> Path:
     """Return the directory of access keys, known_hosts files, locks and probe results.
 
     $LABCTL_STATE_DIR, else ``state`` under the data directory. It is never the only
-    record of a desktop: that lives in libvirt.
+    record of a desktop, because each domain carries its own in libvirt.
     """
     explicit = os.environ.get("LABCTL_STATE_DIR")
     if explicit:

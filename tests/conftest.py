@@ -47,9 +47,9 @@ def debian_image():
 
 def run_labctl(*args: str, check: bool = False, timeout: float = 1800,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run the labctl CLI in a subprocess, as a user would; returns the completed process.
+    """Run the labctl CLI in a subprocess, as a user would, and return the completed process.
 
-    ``env`` replaces the environment (e.g. to add LABCTL_STATE_DIR).
+    ``env`` replaces the environment, e.g. to add LABCTL_STATE_DIR.
     """
     result = subprocess.run(
         [sys.executable, "-m", "orchestrator", *args],

@@ -1,7 +1,7 @@
 """Checks on libvirt connection URIs that need no connection.
 
 libvirt's remote driver takes two URI parameters that weaken SSH host key checking
-(names and values as libvirt 9.0's remote driver documents them):
+(both names, and the ssh option, are strings in libvirt 9.0's client library):
 
 - ``no_verify=1`` makes the ``ssh`` transport run ``ssh -o StrictHostKeyChecking=no``,
   which accepts any new host key without asking (for TLS it skips the certificate check).
