@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
@@ -68,8 +69,8 @@ def _rolling_back(_signum: int, _frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Exit quietly when the reader of a pipe (head, less) goes away, as Unix tools do.
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    # SIGPIPE stays ignored (Python's default), so a socket whose peer went away (a guest's
+    # sshd, a restarted libvirtd) raises an error instead of killing labctl silently.
     # SIGTERM takes the same path as Ctrl-C: interrupted desktops are rolled back.
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
@@ -92,6 +93,16 @@ def main(argv: list[str] | None = None) -> int:
         print("labctl: interrupted; desktops that were being provisioned were rolled back",
               file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _stdout_closed()
+
+
+def _stdout_closed() -> int:
+    """Exit quietly, as Unix tools do, when the reader of stdout (head, less) went away."""
+    # Python's flush at exit would report the broken pipe again, so stdout goes to /dev/null.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import libvirt
@@ -76,9 +77,13 @@ def open_shell(args: argparse.Namespace) -> int:
     argv = [
         ssh_binary, "-i", str(key_path), "-p", str(record.ssh_port),
         "-o", f"UserKnownHostsFile={known_hosts}", "-o", "StrictHostKeyChecking=yes",
+        # Only the record's key counts, not one in the system's /etc/ssh/ssh_known_hosts.
+        "-o", "GlobalKnownHostsFile=/dev/null",
         "-o", "IdentitiesOnly=yes",
         f"{user}@127.0.0.1", *args.remote_command,
     ]
+    # ssh gets the default SIGPIPE action back: labctl ignores it, and exec keeps that.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     os.execv(ssh_binary, argv)
     return 0  # not reached
 
