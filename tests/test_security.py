@@ -386,6 +386,8 @@ def _random_password_hash() -> str:
 
 @dataclass
 class SecretLab:
+    """An applied inventory whose users carry ``password_hash``, and labctl's runs on it."""
+
     name: str
     path: Path
     state_dir: Path
@@ -403,40 +405,45 @@ class SecretLab:
         return (self.state_dir / "keys" / self.name / "id_ed25519").read_text()
 
 
-@pytest.fixture(scope="module")
-def secret_lab(tmp_path_factory, tiny_image) -> Iterator[SecretLab]:
-    """Apply a linked desktop and an instant clone with a password hash, logging DEBUG."""
-    directory = tmp_path_factory.mktemp("secret-lab")
-    state = directory / "state"
-    name = unique_name("s")
-    linked, child = unique_name("sl"), unique_name("si")
-    user = {"name": "student", "password_hash": _random_password_hash(),
+def _write_inventory(lab: SecretLab) -> None:
+    """Write the lab's inventory: one linked desktop and one instant clone of the tiny image."""
+    user = {"name": "student", "password_hash": lab.password_hash,
             "ssh_authorized_keys": [keys.generate_ed25519("student@lab").public]}
-    identity = {"users": [user]}
     pool = {"image": "tiny", "size": 1, "network": "lab",
-            "hardware": {"memory": "128MiB"}, "identity": identity}
+            "hardware": {"memory": "128MiB"}, "identity": {"users": [user]}}
+    linked_prefix, child_prefix = lab.linked[:-1], lab.child[:-1]
     document = {
-        "name": name,
+        "name": lab.name,
         "hosts": {"local": {"uri": URI, "storage": {"pool": TEST_POOL, "path": TEST_POOL_PATH}}},
         "images": {"tiny": {"build": "tiny"}},
         "networks": {"lab": {"mode": "user"}},
-        "pools": {"linked": {**pool, "clone": "linked", "naming": f"{linked}{{n}}"},
-                  "kids": {**pool, "clone": "instant", "naming": f"{child}{{n}}"}},
+        "pools": {"linked": {**pool, "clone": "linked", "naming": f"{linked_prefix}{{n}}"},
+                  "kids": {**pool, "clone": "instant", "naming": f"{child_prefix}{{n}}"}},
     }
-    path = directory / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(document, sort_keys=False))
-    lab = SecretLab(name, path, state, {**os.environ, "LABCTL_STATE_DIR": str(state)},
-                    user["password_hash"], f"{linked}1", f"{child}1")
+    lab.path.write_text(yaml.safe_dump(document, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def secret_lab(tmp_path_factory, tiny_image) -> Iterator[SecretLab]:
+    """Apply the lab with DEBUG logging, run the read-only commands, and destroy it last."""
+    directory = tmp_path_factory.mktemp("secret-lab")
+    state = directory / "state"
+    name = unique_name("s")
+    lab = SecretLab(name, directory / f"{name}.yaml", state,
+                    {**os.environ, "LABCTL_STATE_DIR": str(state)}, _random_password_hash(),
+                    linked=f"{unique_name('sl')}1", child=f"{unique_name('si')}1")
+    _write_inventory(lab)
+    inventory = str(lab.path)
     try:
-        lab.runs["apply"] = lab.labctl("-vv", "apply", "-o", "json", str(path))
-        lab.runs["apply-again"] = lab.labctl("-vv", "apply", str(path))
-        lab.runs["plan"] = lab.labctl("-vv", "plan", "-o", "json", str(path))
-        lab.runs["status"] = lab.labctl("-vv", "status", "-o", "json", str(path))
-        lab.runs["ssh"] = lab.labctl("-vv", "ssh", lab.linked, "-i", str(path), "--", "true",
+        lab.runs["apply"] = lab.labctl("-vv", "apply", "-o", "json", inventory)
+        lab.runs["apply-again"] = lab.labctl("-vv", "apply", inventory)
+        lab.runs["plan"] = lab.labctl("-vv", "plan", "-o", "json", inventory)
+        lab.runs["status"] = lab.labctl("-vv", "status", "-o", "json", inventory)
+        lab.runs["ssh"] = lab.labctl("-vv", "ssh", lab.linked, "-i", inventory, "--", "true",
                                      timeout=60)
         yield lab
     finally:
-        lab.labctl("destroy", str(path))
+        lab.labctl("destroy", inventory)
         shutil.rmtree(state, ignore_errors=True)
 
 
