@@ -260,6 +260,28 @@ def test_inventory_accepts_checked_uri(tmp_path, uri):
     assert load_inventory(path).hosts["remote"].uri == uri
 
 
+# -- invalid password hashes are not echoed ----------------------------------------------
+
+
+@pytest.mark.parametrize("user", [
+    {"password": "$6$saltsalt$SECRETVALUEabc"},
+    {"password_hash": ["$6$saltsalt$SECRETVALUEabc"]},
+    {"password_hash": "$1$saltsalt$SECRETVALUEabc"},
+    {"password_hash": "hunter2SECRETVALUE"},
+], ids=["misspelled-key", "wrong-type", "weak-method", "plain-password"])
+def test_validate_hides_bad_password(tmp_path, user):
+    path = tmp_path / "bad-user.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "bad-user", "images": {"tiny": {"build": "tiny"}},
+        "pools": {"p": {"image": "tiny", "clone": "linked", "size": 1, "naming": "p{n}",
+                        "identity": {"users": [{"name": "student", **user}]}}},
+    }))
+    result = run_labctl("-vv", "validate", str(path), timeout=60,
+                        env={**os.environ, "LABCTL_DATA_DIR": str(tmp_path / "data")})
+    assert result.returncode == 2, describe_run(result)
+    assert "SECRETVALUE" not in result.stdout + result.stderr, describe_run(result)
+
+
 # -- guest SSH against a paramiko server on 127.0.0.1 -------------------------------------
 
 
