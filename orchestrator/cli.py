@@ -8,6 +8,8 @@ import os
 import signal
 import sys
 
+import libvirt
+
 from orchestrator import __version__
 from orchestrator.errors import LabctlError
 
@@ -89,6 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     except LabctlError as exc:
         print(f"labctl: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except libvirt.libvirtError as exc:
+        # A libvirt call that no step wraps, e.g. after libvirtd restarted mid-run.
+        log.debug("libvirt call failed", exc_info=True)
+        message = exc.get_error_message() or str(exc)
+        print(f"labctl: error: libvirt call failed: {message} (check that "
+              "libvirtd runs, then run the command again; -vv shows where it failed)",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("labctl: interrupted; desktops that were being provisioned were rolled back",
               file=sys.stderr)

@@ -12,6 +12,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import libvirt
@@ -63,6 +64,22 @@ def run_labctl(*args: str, check: bool = False, timeout: float = 1800,
     return result
 
 
+# Attempts and pause (seconds) of a test's final destroy: another test may restart
+# libvirtd, which then refuses connections for a few seconds.
+DESTROY_ATTEMPTS = 4
+DESTROY_PAUSE = 10
+
+
+def destroy_inventory(path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``labctl destroy`` on ``path``, retrying while libvirtd is unreachable."""
+    for _attempt in range(DESTROY_ATTEMPTS):
+        result = run_labctl("destroy", str(path), env=env)
+        if result.returncode == 0 or "cannot connect to libvirt" not in result.stderr:
+            return result
+        time.sleep(DESTROY_PAUSE)
+    return result
+
+
 def unique_name(prefix: str) -> str:
     """A short unique name (desktop names are limited to 15 characters)."""
     return f"{prefix}{secrets.token_hex(2)}"
@@ -95,4 +112,4 @@ def make_inventory(tmp_path: Path, conn):
 
     yield make
     for path in written:
-        run_labctl("destroy", str(path))
+        destroy_inventory(path)

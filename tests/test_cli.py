@@ -243,3 +243,26 @@ def test_sigpipe_ignored_in_commands(monkeypatch):
         for number, handler in handlers.items():
             signal.signal(number, handler)
     assert seen == [signal.SIG_IGN], f"SIGPIPE action during the command: {seen}"
+
+
+def test_libvirt_error_one_line(monkeypatch, capsys):
+    """A libvirt error no step wraps (libvirtd restarted mid-run) is one line, no traceback."""
+    import libvirt
+
+    from orchestrator import cli
+    from orchestrator.commands import identity_cmd
+
+    def fail(args):
+        raise libvirt.libvirtError("internal error: client socket is closed")
+
+    monkeypatch.setattr(identity_cmd, "list_operations", fail)
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert cli.main(["identity", "list"]) == 1
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("labctl: error: libvirt call failed: internal error: client "
+                               "socket is closed (check that libvirtd runs"), lines[0]

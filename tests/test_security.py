@@ -29,7 +29,9 @@ import paramiko
 import pycdlib
 import pytest
 import yaml
-from conftest import REPO, TEST_POOL, TEST_POOL_PATH, URI, run_labctl, unique_name
+from conftest import (
+    REPO, TEST_POOL, TEST_POOL_PATH, URI, destroy_inventory, run_labctl, unique_name,
+)
 from test_apply_tiny import describe_run
 
 from orchestrator.errors import GuestError, HostError, InventoryError
@@ -465,7 +467,7 @@ def secret_lab(tmp_path_factory, tiny_image) -> Iterator[SecretLab]:
                                      timeout=60)
         yield lab
     finally:
-        lab.labctl("destroy", inventory)
+        destroy_inventory(lab.path, env=lab.env)
         shutil.rmtree(state, ignore_errors=True)
 
 
