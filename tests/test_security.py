@@ -39,6 +39,7 @@ from orchestrator.guest import ssh
 from orchestrator.hosts.connection import open_connection
 from orchestrator.identity import keys
 from orchestrator.instant.parent import PREFIX, ParentRecord
+from orchestrator.inventory import load_inventory
 from orchestrator.provision import readiness
 from orchestrator.provision.desktop import console_log_path
 from orchestrator.state import metadata
@@ -226,17 +227,20 @@ def test_connection_rejects_unchecked_host_key(uri):
     assert caught.value.where == uri
 
 
-@pytest.mark.parametrize("uri", WEAK_URIS)
-def test_inventory_rejects_unchecked_host_key(tmp_path, uri):
-    from orchestrator.inventory import load_inventory
-
-    path = tmp_path / "weak.yaml"
+def remote_inventory(path: Path, uri: str) -> Path:
+    """Write an inventory whose one pool runs on the host at ``uri``, and return its path."""
     path.write_text(yaml.safe_dump({
-        "name": "weak", "hosts": {"remote": {"uri": uri}},
+        "name": "remote", "hosts": {"remote": {"uri": uri}},
         "images": {"tiny": {"build": "tiny"}},
         "pools": {"p": {"image": "tiny", "clone": "linked", "host": "remote", "size": 1,
                         "naming": "p{n}"}},
     }))
+    return path
+
+
+@pytest.mark.parametrize("uri", WEAK_URIS)
+def test_inventory_rejects_unchecked_host_key(tmp_path, uri):
+    path = remote_inventory(tmp_path / "weak.yaml", uri)
     with pytest.raises(InventoryError) as caught:
         load_inventory(path)
     message = str(caught.value)
@@ -250,15 +254,7 @@ def test_inventory_rejects_unchecked_host_key(tmp_path, uri):
     "qemu+libssh2://admin@host.example/system?known_hosts_verify=normal",
 ])
 def test_inventory_accepts_checked_uri(tmp_path, uri):
-    from orchestrator.inventory import load_inventory
-
-    path = tmp_path / "checked.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "checked", "hosts": {"remote": {"uri": uri}},
-        "images": {"tiny": {"build": "tiny"}},
-        "pools": {"p": {"image": "tiny", "clone": "linked", "host": "remote", "size": 1,
-                        "naming": "p{n}"}},
-    }))
+    path = remote_inventory(tmp_path / "checked.yaml", uri)
     assert load_inventory(path).hosts["remote"].uri == uri
 
 
