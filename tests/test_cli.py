@@ -210,7 +210,7 @@ def test_unknown_command(data_dir):
     assert "invalid choice" in result.stderr
 
 
-# --- SIGPIPE --------------------------------------------------------------------------------
+# --- SIGPIPE and libvirt errors -------------------------------------------------------------
 
 
 def test_closed_stdout_exits_quietly(data_dir):
