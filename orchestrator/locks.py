@@ -13,12 +13,19 @@ import hashlib
 import os
 import threading
 from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
 
 from orchestrator import paths
 from orchestrator.errors import ConflictError
 
 _thread_locks: dict[str, threading.Lock] = {}
 _guard = threading.Lock()
+
+
+def _open_lock_file(path: Path) -> TextIO:
+    """Open a lock file for reading and appending, creating it with mode 0600."""
+    return os.fdopen(paths.open_private(path, os.O_RDWR | os.O_APPEND), "a+")
 
 
 @contextlib.contextmanager
@@ -28,7 +35,7 @@ def named_lock(name: str) -> Iterator[None]:
         lock = _thread_locks.setdefault(name, threading.Lock())
     directory = paths.ensure_private_dir(paths.state_dir() / "locks")
     digest = hashlib.sha256(name.encode()).hexdigest()[:24]
-    with lock, open(directory / f"{digest}.lock", "a+") as handle:
+    with lock, _open_lock_file(directory / f"{digest}.lock") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -46,7 +53,7 @@ def exclusive_run(name: str, what: str) -> Iterator[None]:
     """
     directory = paths.ensure_private_dir(paths.state_dir() / "locks")
     digest = hashlib.sha256(name.encode()).hexdigest()[:24]
-    with open(directory / f"{digest}.run", "a+") as handle:
+    with _open_lock_file(directory / f"{digest}.run") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:

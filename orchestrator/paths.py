@@ -20,23 +20,49 @@ def images_dir() -> Path:
 
 
 def state_dir() -> Path:
-    """Return the directory of the journal, locks and event history (never the only record)."""
+    """Return the directory of access keys, known_hosts files, locks and probe results.
+
+    $LABCTL_STATE_DIR, else ``state`` under the data directory. It is never the only
+    record of a desktop, because each domain carries its own in libvirt.
+    """
+    explicit = os.environ.get("LABCTL_STATE_DIR")
+    if explicit:
+        return Path(explicit)
     return data_dir() / "state"
 
 
 def ensure_private_dir(path: Path) -> Path:
-    """Create ``path`` (mode 0700 for the leaf) and return it."""
+    """Create ``path`` with mode 0700 and return it.
+
+    Below the state directory, the state directory itself and every level down to
+    ``path`` get mode 0700 as well, so no file in it can be listed or opened by others.
+    """
     path.mkdir(parents=True, exist_ok=True)
-    path.chmod(0o700)
+    root = state_dir()
+    if path == root or root in path.parents:
+        relative = path.relative_to(root).parts
+        for depth in range(len(relative) + 1):
+            root.joinpath(*relative[:depth]).chmod(0o700)
+    else:
+        path.chmod(0o700)
     return path
+
+
+def open_private(path: Path, flags: int) -> int:
+    """Open ``path`` with ``flags`` (plus O_CREAT) so that a new file is mode 0600.
+
+    An existing file is set to 0600 too. Returns the file descriptor.
+    """
+    fd = os.open(path, flags | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)
+    return fd
 
 
 def write_private_file(path: Path, data: bytes) -> None:
     """Write ``data`` to a file that is mode 0600 from its first byte on."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    ensure_private_dir(path.parent)
+    fd = open_private(path, os.O_WRONLY | os.O_TRUNC)
     try:
-        os.fchmod(fd, 0o600)
         os.write(fd, data)
     finally:
         os.close(fd)

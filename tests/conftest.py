@@ -12,6 +12,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import libvirt
@@ -60,17 +61,37 @@ def debian_image():
     return recipes.ensure("debian12")
 
 
-def run_labctl(*args: str, check: bool = False, timeout: float = 1800) -> subprocess.CompletedProcess:
-    """Run the labctl CLI in a subprocess, as a user would; returns the completed process."""
+def run_labctl(*args: str, check: bool = False, timeout: float = 1800,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the labctl CLI in a subprocess, as a user would, and return the completed process.
+
+    ``env`` replaces the environment, e.g. to add LABCTL_STATE_DIR.
+    """
     result = subprocess.run(
         [sys.executable, "-m", "orchestrator", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env,
     )
     if check and result.returncode != 0:
         raise AssertionError(
             f"labctl {' '.join(args)} exited {result.returncode}\n"
             f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
         )
+    return result
+
+
+# Attempts and pause (seconds) of a test's final destroy: another test may restart
+# libvirtd, which then drops connections and refuses new ones for a few seconds.
+DESTROY_ATTEMPTS = 4
+DESTROY_PAUSE = 10
+
+
+def destroy_inventory(path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``labctl destroy`` on ``path``, again after a pause while it fails."""
+    for _attempt in range(DESTROY_ATTEMPTS):
+        result = run_labctl("destroy", str(path), env=env)
+        if result.returncode == 0:
+            return result
+        time.sleep(DESTROY_PAUSE)
     return result
 
 
@@ -106,4 +127,4 @@ def make_inventory(tmp_path: Path, conn):
 
     yield make
     for path in written:
-        run_labctl("destroy", str(path))
+        destroy_inventory(path)

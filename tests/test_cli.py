@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -207,3 +208,61 @@ def test_unknown_command(data_dir):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "invalid choice" in result.stderr
+
+
+# --- SIGPIPE and libvirt errors -------------------------------------------------------------
+
+
+def test_closed_stdout_exits_quietly(data_dir):
+    """A reader that goes away (| head) ends labctl with 141 and no traceback."""
+    env = {**os.environ, "LABCTL_DATA_DIR": str(data_dir)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "schema"], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    process.stdout.close()  # before labctl has imported its modules, so its write fails
+    stderr = process.stderr.read().decode()
+    assert process.wait(60) == 141, stderr
+    assert stderr == "", f"labctl printed on stderr: {stderr}"
+
+
+def test_sigpipe_ignored_in_commands(monkeypatch):
+    """Commands run with SIGPIPE ignored, so a socket closed by its peer raises EPIPE
+    (BrokenPipeError) instead of killing labctl without a message."""
+    from orchestrator import cli
+    from orchestrator.commands import identity_cmd
+
+    seen = []
+    monkeypatch.setattr(identity_cmd, "list_operations",
+                        lambda args: seen.append(signal.getsignal(signal.SIGPIPE)) or 0)
+    handlers = {number: signal.getsignal(number)
+                for number in (signal.SIGPIPE, signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert cli.main(["identity", "list"]) == 0
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    assert seen == [signal.SIG_IGN], f"SIGPIPE action during the command: {seen}"
+
+
+def test_libvirt_error_one_line(monkeypatch, capsys):
+    """A libvirt error no step wraps (libvirtd restarted mid-run) is one line, no traceback."""
+    import libvirt
+
+    from orchestrator import cli
+    from orchestrator.commands import identity_cmd
+
+    def fail(args):
+        raise libvirt.libvirtError("internal error: client socket is closed")
+
+    monkeypatch.setattr(identity_cmd, "list_operations", fail)
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert cli.main(["identity", "list"]) == 1
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0] == ("labctl: error: a libvirt call failed: internal error: client "
+                        "socket is closed"), lines[0]

@@ -159,7 +159,8 @@ def test_parent_shut_off_with_frozen_disk(lab, conn):
     assert not domain.isActive(), "the parent still runs after its save"
     record = parent.read_record(domain)
     assert record is not None
-    assert os.stat(record.disk).st_mode & 0o777 == 0o444, "parent disk is not read-only"
+    mode = os.stat(record.disk).st_mode & 0o777
+    assert mode == 0o400, f"parent disk is mode {mode:o}, not read-only for its owner only"
     chain = [layer.path for layer in qemuimg.backing_chain(record.disk)]
     assert len(chain) == 2, f"parent disk chain {chain}: not an overlay on the replica"
     assert os.path.basename(chain[1]).startswith("labctl-replica-"), chain

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import libvirt
@@ -76,9 +77,13 @@ def open_shell(args: argparse.Namespace) -> int:
     argv = [
         ssh_binary, "-i", str(key_path), "-p", str(record.ssh_port),
         "-o", f"UserKnownHostsFile={known_hosts}", "-o", "StrictHostKeyChecking=yes",
+        # Only the record's key counts, not one in the system's /etc/ssh/ssh_known_hosts.
+        "-o", "GlobalKnownHostsFile=/dev/null",
         "-o", "IdentitiesOnly=yes",
         f"{user}@127.0.0.1", *args.remote_command,
     ]
+    # ssh gets the default SIGPIPE action back: labctl ignores it, and exec keeps that.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     os.execv(ssh_binary, argv)
     return 0  # not reached
 
@@ -89,5 +94,6 @@ def _known_hosts_file(desktop: str, port: int, host_key: str) -> str:
         raise GuestError("the desktop's host key is not recorded", fix="re-create the desktop")
     directory = paths.ensure_private_dir(paths.state_dir() / "known_hosts")
     path = directory / f"{desktop}.known"
-    path.write_text(f"{known_hosts_name('127.0.0.1', port)} {host_key}\n")
+    line = f"{known_hosts_name('127.0.0.1', port)} {host_key}\n"
+    paths.write_private_file(path, line.encode())
     return str(path)

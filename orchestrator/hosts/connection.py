@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import libvirt
 
 from orchestrator.errors import HostError
+from orchestrator.hosts.uri import weakened_host_key_check
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,12 @@ def _install_error_handler() -> None:
 def open_connection(uri: str = DEFAULT_URI, *, read_only: bool = False) -> libvirt.virConnect:
     """Open a libvirt connection to ``uri`` or raise a HostError naming the URI."""
     _install_error_handler()
+    weakening = weakened_host_key_check(uri)
+    if weakening:
+        raise HostError(
+            f"the URI turns off SSH host key checking ({weakening})", where=uri,
+            fix=f"remove {weakening} and add the host's key to known_hosts",
+        )
     log.debug("opening libvirt connection %s", uri)
     try:
         conn = libvirt.openReadOnly(uri) if read_only else libvirt.open(uri)
@@ -90,5 +97,5 @@ def connection_lost(exc: BaseException) -> bool:
 
 def libvirt_failure(what: str, exc: libvirt.libvirtError, *, where: str | None = None) -> HostError:
     """Return a HostError for a failed libvirt call, with a fix if the connection broke."""
-    return HostError(f"{what}: {exc.get_error_message()}", where=where,
+    return HostError(f"{what}: {exc.get_error_message() or exc}", where=where,
                      fix=RECONNECT_FIX if connection_lost(exc) else None)

@@ -104,8 +104,8 @@ def _probe_cached(uri: str, use_cache: bool) -> tuple[str, str]:
         cached = json.loads(cache.read_text())
         return cached["accelerator"], cached["reason"] + " (probed earlier in this boot)"
     result = probe.probe_local()
-    paths.ensure_private_dir(cache.parent)
-    cache.write_text(json.dumps({"accelerator": result.accelerator, "reason": result.reason}))
+    document = {"accelerator": result.accelerator, "reason": result.reason}
+    paths.write_private_file(cache, json.dumps(document).encode())
     return result.accelerator, f"probe: {result.reason}"
 
 

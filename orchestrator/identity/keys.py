@@ -67,5 +67,5 @@ def access_key(inventory: str, *, create: bool = True) -> KeyPair:
     paths.ensure_private_dir(private_path.parent)
     pair = generate_ed25519(f"labctl-{inventory}")
     paths.write_private_file(private_path, pair.private.encode())
-    public_path.write_text(pair.public + "\n")
+    paths.write_private_file(public_path, (pair.public + "\n").encode())
     return pair

@@ -241,7 +241,10 @@ class ParentBuild(Provisioning):
         by mistake cannot change either.
         """
         assert self.record is not None and self.parent is not None
-        os.chmod(self.os_disk, 0o444)
+        # Owner-only, unlike the 0444 replica, because the parent's disk contains what its
+        # first boot wrote, e.g. cloud-init's copy of user-data with the password hashes.
+        # QEMU still reads it: libvirt makes each child's backing files QEMU's at start.
+        os.chmod(self.os_disk, 0o400)
         xml = render_domain(dataclasses.replace(self.domain_spec(self.record),
                                                 title=f"parent VM of pool {self.request.pool} "
                                                 f"({self.request.inventory}); do not start"))

@@ -12,7 +12,6 @@ import binascii
 import functools
 import posixpath
 import re
-import urllib.parse
 import zoneinfo
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
@@ -21,6 +20,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BeforeValidator, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
+from orchestrator.hosts import uri
 from orchestrator.inventory import naming
 from orchestrator.inventory.messages import describe, quote
 
@@ -160,19 +160,23 @@ URI_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*")
 
 
 def _libvirt_uri(value: str) -> str:
-    """Reject URIs that make libvirt's client run a program named in the inventory."""
+    """Reject URIs that make libvirt's client run a program named in the inventory, or
+    that weaken SSH host key checking."""
     scheme = value.split("://", 1)[0].lower()
-    query = value.split("?", 1)[1] if "?" in value else ""
-    # libvirt percent-decodes parameter names, so %63ommand= is command= to it.
-    names = {
-        urllib.parse.unquote(part.split("=", 1)[0]).lower()
-        for part in query.replace(";", "&").split("&")
-    }
-    if scheme.endswith("+ext") or names & {"command", "netcat", "proxy"}:
+    if scheme.endswith("+ext") or any(
+        name in ("command", "netcat", "proxy") for name, _ in uri.query_parameters(value)
+    ):
         raise labctl_error(
             f"libvirt URI {quote(value)} names a program for libvirt to run "
             "(the ext transport, or a command=, netcat= or proxy= parameter)",
             fix="use qemu:///system or qemu+ssh://user@host/system",
+        )
+    weakening = uri.weakened_host_key_check(value)
+    if weakening:
+        raise labctl_error(
+            f"libvirt URI {quote(value)} turns off SSH host key checking ({weakening})",
+            fix=f"remove {weakening} and add the host's key to known_hosts "
+            "(ssh-keyscan HOST, then compare its fingerprint with the host's)",
         )
     return value
 
