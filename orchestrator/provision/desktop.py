@@ -43,16 +43,19 @@ def console_log_path(desktop: str) -> str:
 
 @dataclass(frozen=True)
 class KeptIdentity:
-    """The identity a refreshed desktop keeps (UUID, MAC, SSH port); its generation goes up."""
+    """The identity a refreshed desktop keeps (UUID, MAC, SSH port, the user it is assigned
+    to); its generation goes up."""
 
     uuid: str
     mac: str
     ssh_port: int
     generation: int
+    assigned_to: str = ""
 
     @classmethod
     def of(cls, domain: libvirt.virDomain, record: DesktopRecord) -> KeptIdentity:
-        return cls(domain.UUIDString(), record.mac, record.ssh_port, record.generation)
+        return cls(domain.UUIDString(), record.mac, record.ssh_port, record.generation,
+                   record.assigned_to)
 
 
 @dataclass
@@ -274,6 +277,7 @@ class Provisioning:
             state="provisioning",
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             config_hash=request.config_hash(),
+            assigned_to=self.kept.assigned_to if self.kept else "",
             extra={
                 "ssh_host_key": identity.ssh_host_key.public,
                 "login_user": request.login_user,
