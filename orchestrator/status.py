@@ -28,6 +28,8 @@ _STATES = {
 
 def desktop_status(domain: libvirt.virDomain, record: DesktopRecord) -> dict:
     state = _STATES.get(domain.state()[0], "unknown")
+    if state == "shut off" and domain.hasManagedSaveImage(0):
+        state = "saved"  # managed save: its memory is on disk, start resumes it
     if record.state != "ready":
         state = f"{state}, {record.state}"
     return {

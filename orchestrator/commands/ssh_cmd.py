@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import shutil
 from pathlib import Path
 
@@ -79,6 +80,8 @@ def open_shell(args: argparse.Namespace) -> int:
         "-o", "IdentitiesOnly=yes",
         f"{user}@127.0.0.1", *args.remote_command,
     ]
+    # ssh should get the default SIGPIPE action a shell would give it; Python ignores it.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     os.execv(ssh_binary, argv)
     return 0  # not reached
 

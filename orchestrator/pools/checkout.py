@@ -34,8 +34,9 @@ def checkout(inventory: Inventory, ctx: HostContext, key: str, user: str,
         domain, record = found
         if not again:
             sessions.start_session(domain, record, user, pool.assignment.type == "dedicated")
-    result = Checkout(domain, record, created=created, again=again)
-    sessions.wake(ctx, result, inventory, on_event)
+        result = Checkout(domain, record, created=created, again=again)
+        sessions.start_if_off(ctx, result, on_event)
+    sessions.wait_started(ctx, result, inventory, on_event)
     message = f"{user} checked out {domain.name()}" + (" (made on demand)" if created else "")
     log.info("pool %s, desktop %s: %s", key, domain.name(), message)
     events.record(inventory.name, "checkout", message, pool=key, desktop=domain.name())

@@ -53,16 +53,21 @@ def shutdown(domain: libvirt.virDomain, timeout: float = SHUTDOWN_TIMEOUT) -> No
     _call(domain.destroy, name, "powering it off")
 
 
-def ensure_running(ctx: HostContext, domain: libvirt.virDomain, record: DesktopRecord,
-                   access_key: str, on_event: EventSink, *, timeout: float) -> bool:
-    """Start a shut-off or managed-saved desktop and wait until SSH works; return whether it
-    had to be started."""
+def start(ctx: HostContext, domain: libvirt.virDomain, on_event: EventSink) -> bool:
+    """Start a shut-off or managed-saved desktop; return whether it had to be started."""
     name = domain.name()
     if domain.isActive():
         return False
     with ctx.power:
         on_event(name, "power", "start")
         _call(domain.create, name, "starting it")
+    return True
+
+
+def wait_running(domain: libvirt.virDomain, record: DesktopRecord, access_key: str,
+                 on_event: EventSink, *, timeout: float) -> None:
+    """Wait until a started desktop answers through its agent and, with a forward, SSH."""
+    name = domain.name()
     expected = readiness.Expected(
         hostname=record.hostname, machine_id=record.machine_id,
         ssh_address="127.0.0.1" if record.ssh_port else "", ssh_port=record.ssh_port,
@@ -75,7 +80,6 @@ def ensure_running(ctx: HostContext, domain: libvirt.virDomain, record: DesktopR
         raise GuestError(f"started, but not ready: {exc.message}", where=name,
                          fix=exc.fix) from exc
     on_event(name, "power", "running")
-    return True
 
 
 def _call(method, name: str, what: str, *args: int) -> None:

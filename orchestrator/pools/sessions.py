@@ -195,13 +195,26 @@ def find_desktop(inventory: Inventory, ctx: HostContext, name: str) -> Found:
     return domain, record
 
 
-def wake(ctx: HostContext, checkout: Checkout, inventory: Inventory,
-         on_event: EventSink) -> None:
-    """Start a checked-out desktop that its power policy had shut down or saved."""
+def start_if_off(ctx: HostContext, checkout: Checkout, on_event: EventSink) -> None:
+    """Start a checked-out desktop that its power policy shut down or saved.
+
+    Called under the pool's lock: a domain restored from its managed save runs with the
+    metadata of the moment it was saved, without this session, so the record is written
+    into it again before any other checkout can read it.
+    """
+    checkout.started = power.start(ctx, checkout.domain, on_event)
+    if checkout.started:
+        metadata.write(checkout.domain, checkout.record)
+
+
+def wait_started(ctx: HostContext, checkout: Checkout, inventory: Inventory,
+                 on_event: EventSink) -> None:
+    """Wait until a desktop that checkout started is ready again."""
+    if not checkout.started:
+        return
     access_key = keys.access_key(inventory.name, create=False)
-    checkout.started = power.ensure_running(
-        ctx, checkout.domain, checkout.record, access_key.private, on_event,
-        timeout=READY_TIMEOUT[ctx.accelerator])
+    power.wait_running(checkout.domain, checkout.record, access_key.private, on_event,
+                       timeout=READY_TIMEOUT[ctx.accelerator])
 
 
 def run_lock(inventory: Inventory):
