@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_labctl, unique_name
+from conftest import TEST_POOL, TEST_POOL_PATH, URI, run_labctl, unique_name
 
 from orchestrator.inventory import load_inventory
 from orchestrator.pools import sizing
@@ -126,3 +126,82 @@ def test_names_list_takes_unused(tmp_path):
     inventory = inventory_of(tmp_path, pools)
     layouts = sizing.layout(inventory, {"x": record("lab", 1, session="ann")}, set())
     assert names(layouts, "lab") == ["x", "y"]
+
+
+# --- on real hosts ---------------------------------------------------------------------------
+
+
+def describe(result: subprocess.CompletedProcess) -> str:
+    return f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+
+
+def pool_status(path: Path) -> dict[str, dict]:
+    result = run_labctl("status", str(path), "-o", "json", timeout=60)
+    assert result.returncode == 0, describe(result)
+    return {group["name"]: group for group in json.loads(result.stdout)["pools"]}
+
+
+def planned(path: Path) -> dict:
+    result = run_labctl("plan", str(path), "-o", "json", timeout=60)
+    assert result.returncode == 0, describe(result)
+    return json.loads(result.stdout)
+
+
+@pytest.mark.libvirt
+def test_provisioning_error_stops_pool(make_inventory):
+    # The bridge does not exist, so libvirt fails to start each desktop: a provisioning
+    # error in the start step, without booting anything. One provisioning at a time makes
+    # the second desktop wait until the first one has failed.
+    prefix = unique_name("e")
+    name = unique_name("t")
+    bad = {"image": "tiny", "clone": "linked", "size": 2, "naming": f"{prefix}{{n}}",
+           "network": "nobridge", "hardware": {"memory": MEMORY}}
+    hosts = {"local": {"uri": URI, "storage": {"pool": TEST_POOL, "path": TEST_POOL_PATH},
+                       "limits": {"provisioning": 1}}}
+    path = make_inventory({"bad": bad}, name=name, hosts=hosts,
+                          networks={"nobridge": {"mode": "bridge", "bridge": "labctlnobr9"}})
+    try:
+        first = run_labctl("apply", str(path), "-o", "json", timeout=APPLY_TIMEOUT)
+        assert first.returncode == 1, describe(first)
+        result = json.loads(first.stdout.splitlines()[-1])
+        assert len(result["failed"]) == 1, f"only the first desktop may be tried: {result}"
+        assert len(result["held"]) == 1, f"the second desktop must be held: {result}"
+        error = pool_status(path)["bad"]["error"]
+        assert error is not None, "status does not show the stopped pool"
+        assert error["desktop"] in result["failed"] and error["time"], error
+        table = run_labctl("status", str(path), timeout=60)
+        assert "pool bad stopped at" in table.stdout, describe(table)
+        assert f"labctl clear {path} bad" in table.stdout, describe(table)
+        again = planned(path)
+        assert [a for a in again["actions"] if a["action"] == "create"] == [], again
+        assert "labctl clear" in again["held"]["bad"], again
+        cleared = run_labctl("clear", str(path), "bad", timeout=60)
+        assert cleared.returncode == 0 and "error cleared" in cleared.stdout, describe(cleared)
+        assert pool_status(path)["bad"]["error"] is None, "clear left the error"
+        creates = [a["desktop"] for a in planned(path)["actions"] if a["action"] == "create"]
+        assert creates == [f"{prefix}1", f"{prefix}2"], creates
+    finally:
+        events.clear_pool(name, "bad")
+
+
+@pytest.mark.libvirt
+def test_refresh_over_plans_refresh(make_inventory):
+    prefix = unique_name("o")
+    spec_ = {"image": "tiny", "clone": "linked", "size": 1, "naming": f"{prefix}{{n}}",
+             "network": "lab", "hardware": {"memory": MEMORY}, "refresh_over": "48MiB"}
+    path = make_inventory({"lab": spec_})
+    applied = run_labctl("apply", str(path), timeout=APPLY_TIMEOUT)
+    assert applied.returncode == 0, describe(applied)
+    name = f"{prefix}1"
+    assert planned(path)["actions"][0]["action"] == "keep", "a fresh overlay is below 48MiB"
+    written = run_labctl("ssh", name, "-i", str(path), "--",
+                         "dd if=/dev/urandom of=/data/big bs=1M count=64 && sync", timeout=120)
+    assert written.returncode == 0, describe(written)
+    action = planned(path)["actions"][0]
+    assert (action["action"], action["desktop"]) == ("refresh", name), action
+    assert "over refresh_over (48 MiB)" in action["reason"], action
+    refreshed = run_labctl("apply", str(path), timeout=APPLY_TIMEOUT)
+    assert refreshed.returncode == 0, describe(refreshed)
+    assert planned(path)["actions"][0]["action"] == "keep", "the refresh left a big overlay"
+    left = run_labctl("ssh", name, "-i", str(path), "--", "test -e /data/big", timeout=60)
+    assert left.returncode == 1, f"the refresh kept the file: {describe(left)}"
