@@ -230,6 +230,8 @@ def refresh_free(ctx: HostContext, inventory: str, request: DesktopRequest,
                  access_key: keys.KeyPair, on_event: EventSink) -> dict[str, float]:
     """Refresh a desktop if it is still free; one checked out since the plan waits for its
     release."""
+    # NOTE: a full clone is refreshed with a new copy of the image. A snapshot taken when
+    # it was first ready, reverted here, would keep its customization and skip the copy.
     domain = ctx.conn.lookupByName(request.name)
     if claims.claim_free(domain, inventory, request.pool, "refreshing") is None:
         log.info("%s: in use or busy since the plan; its refresh waits for its release",

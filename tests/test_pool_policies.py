@@ -107,7 +107,8 @@ def test_disabled_and_stopped_make_nothing(tmp_path):
     layouts = sizing.layout(inventory, {"off1": record("off", 1)}, {"bad"})
     assert names(layouts, "off") == ["off1"], "an existing desktop stays"
     assert "disabled" in layouts["off"].held
-    assert names(layouts, "bad") == [] and "labctl clear" in layouts["bad"].held
+    assert names(layouts, "bad") == []
+    assert "labctl clear" in layouts["bad"].held
 
 
 def test_shared_pattern_lowest_free(tmp_path):
@@ -168,7 +169,8 @@ def test_provisioning_error_stops_pool(make_inventory):
         assert len(result["held"]) == 1, f"the second desktop must be held: {result}"
         error = pool_status(path)["bad"]["error"]
         assert error is not None, "status does not show the stopped pool"
-        assert error["desktop"] in result["failed"] and error["time"], error
+        assert error["desktop"] in result["failed"], error
+        assert error["time"], error
         table = run_labctl("status", str(path), timeout=60)
         assert "pool bad stopped at" in table.stdout, describe(table)
         assert f"labctl clear {path} bad" in table.stdout, describe(table)
@@ -176,7 +178,8 @@ def test_provisioning_error_stops_pool(make_inventory):
         assert [a for a in again["actions"] if a["action"] == "create"] == [], again
         assert "labctl clear" in again["held"]["bad"], again
         cleared = run_labctl("clear", str(path), "bad", timeout=60)
-        assert cleared.returncode == 0 and "error cleared" in cleared.stdout, describe(cleared)
+        assert cleared.returncode == 0, describe(cleared)
+        assert "error cleared" in cleared.stdout, cleared.stdout
         assert pool_status(path)["bad"]["error"] is None, "clear left the error"
         creates = [a["desktop"] for a in planned(path)["actions"] if a["action"] == "create"]
         assert creates == [f"{prefix}1", f"{prefix}2"], creates

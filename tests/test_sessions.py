@@ -1,7 +1,7 @@
 """labctl checkout, release and assign on real tiny guests (128 MiB, TCG).
 
 Each test writes its own inventory with a unique name, so the pool locks, event rows
-and desktops of parallel workers never meet; make_inventory destroys the desktops.
+and desktops of parallel workers never meet. make_inventory destroys the desktops.
 """
 
 from __future__ import annotations
@@ -92,11 +92,14 @@ def test_checkout_grows_pool(make_inventory):
     ok("apply", str(path))
     assert desktops(path) == {}, "min 0 and spare 0 make no desktop up front"
     got = checkout(path, "lab", "ann")
-    assert got["desktop"] == f"{prefix}1" and got["created"], got
-    assert got["ssh"]["port"] > 0 and "labctl ssh" in got["commands"]["ssh"], got
+    assert got["desktop"] == f"{prefix}1", got
+    assert got["created"], f"checkout did not make the desktop: {got}"
+    assert got["ssh"]["port"] > 0, got
+    assert got["commands"]["ssh"] == f"labctl ssh {prefix}1 -i {path}", got
     assert guest(path, got["desktop"], "true").returncode == 0, "the new desktop is not ready"
     again = checkout(path, "lab", "ann")
-    assert again["desktop"] == got["desktop"] and again["again"], again
+    assert again["desktop"] == got["desktop"], again
+    assert again["again"], f"a second checkout of the same user is not marked: {again}"
     beyond = run_labctl("checkout", str(path), "lab", "--user", "bob", timeout=COMMAND_TIMEOUT)
     assert beyond.returncode == 1, describe(beyond)
     assert "has no free desktop" in beyond.stderr, beyond.stderr
@@ -121,7 +124,8 @@ def test_floating_refresh_on_release(make_inventory):
     left = guest(path, name, "test -e /data/session-file")
     assert left.returncode == 1, f"the file written before release is still there: {left}"
     twice = run_labctl("release", str(path), name, timeout=COMMAND_TIMEOUT)
-    assert twice.returncode == 1 and "has no session to release" in twice.stderr, twice
+    assert twice.returncode == 1, describe(twice)
+    assert "has no session to release" in twice.stderr, twice.stderr
 
 
 def test_dedicated_refresh_keeps_user(make_inventory):
@@ -141,11 +145,14 @@ def test_dedicated_refresh_keeps_user(make_inventory):
     ok("release", str(path), name)
     after = desktops(path)[name]
     assert after["assigned_to"] == "ann", "the refresh lost the assignment"
-    assert after["session"] is None and after["state"] == "shut off", after
+    assert after["session"] is None, after
+    assert after["state"] == "shut off", "power-off did not shut the refreshed desktop down"
     other = run_labctl("checkout", str(path), "own", "--user", "bob", timeout=COMMAND_TIMEOUT)
-    assert other.returncode == 1 and "has no free desktop" in other.stderr, describe(other)
+    assert other.returncode == 1, describe(other)
+    assert "has no free desktop" in other.stderr, other.stderr
     back = checkout(path, "own", "ann")
-    assert back["desktop"] == name and back["started"], back
+    assert back["desktop"] == name, back
+    assert back["started"], f"checkout did not start the shut-off desktop: {back}"
     refused = run_labctl("checkout", str(path), "manual", "--user", "ann",
                          timeout=COMMAND_TIMEOUT)
     assert refused.returncode == 1, describe(refused)
