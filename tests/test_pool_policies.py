@@ -191,18 +191,18 @@ def test_provisioning_error_stops_pool(make_inventory):
 def test_refresh_over_plans_refresh(make_inventory):
     prefix = unique_name("o")
     spec_ = {"image": "tiny", "clone": "linked", "size": 1, "naming": f"{prefix}{{n}}",
-             "network": "lab", "hardware": {"memory": MEMORY}, "refresh_over": "48MiB"}
+             "network": "lab", "hardware": {"memory": MEMORY}, "refresh_over": "8MiB"}
     path = make_inventory({"lab": spec_})
     applied = run_labctl("apply", str(path), timeout=APPLY_TIMEOUT)
     assert applied.returncode == 0, describe(applied)
     name = f"{prefix}1"
-    assert planned(path)["actions"][0]["action"] == "keep", "a fresh overlay is below 48MiB"
+    assert planned(path)["actions"][0]["action"] == "keep", "a fresh overlay is below 8MiB"
     written = run_labctl("ssh", name, "-i", str(path), "--",
-                         "dd if=/dev/urandom of=/data/big bs=1M count=64 && sync", timeout=120)
+                         "dd if=/dev/urandom of=/data/big bs=1M count=24 && sync", timeout=120)
     assert written.returncode == 0, describe(written)
     action = planned(path)["actions"][0]
     assert (action["action"], action["desktop"]) == ("refresh", name), action
-    assert "over refresh_over (48 MiB)" in action["reason"], action
+    assert "over refresh_over (8 MiB)" in action["reason"], action
     refreshed = run_labctl("apply", str(path), timeout=APPLY_TIMEOUT)
     assert refreshed.returncode == 0, describe(refreshed)
     assert planned(path)["actions"][0]["action"] == "keep", "the refresh left a big overlay"
