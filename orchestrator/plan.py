@@ -219,7 +219,7 @@ def make_plan(inventory: Inventory, *, build_images: bool = False,
               grow: dict[str, int] | None = None) -> Plan:
     """Connect to the inventory's hosts and compute the actions that converge them.
 
-    ``grow`` asks for more desktops in a pool than its sizing keeps (a checkout that
+    ``grow`` requests more desktops in a pool than its sizing keeps (a checkout that
     found no free desktop), still at most the pool's size.
     """
     used_hosts = sorted({pool.host for pool in inventory.pools.values()})

@@ -91,7 +91,7 @@ def collect(inventory, hosts: dict[str, HostContext]) -> dict:
 
 
 def _pool_error(error: events.PoolError | None) -> dict | None:
-    """The error that stopped a pool's provisioning, with its time in ISO 8601 UTC."""
+    """Return the error that stopped a pool's provisioning, with its time in ISO 8601 UTC."""
     if error is None:
         return None
     when = datetime.fromtimestamp(error.time, timezone.utc).isoformat(timespec="seconds")

@@ -106,7 +106,8 @@ def run_checkout(args: argparse.Namespace) -> int:
 
 
 def describe_checkout(path: Path, ctx: HostContext, result: Checkout) -> dict:
-    """The checkout as -o json prints it: the desktop, the session and how to reach it."""
+    """Return the checkout as -o json prints it: the desktop, the session and how to reach
+    it."""
     record, name = result.record, result.domain.name()
     ssh = None
     if record.ssh_port:

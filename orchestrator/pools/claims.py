@@ -2,8 +2,8 @@
 
 Checkout, release, assign and the refresh of a free desktop read a desktop's record and
 write it back under the lock of its pool. So two checkouts never get the same desktop,
-and a desktop that is being refreshed or deleted is never handed out: its record says
-so (state "refreshing" or "deleting") until it is ready again or gone.
+and a desktop that is being refreshed or deleted is never handed out: its record states
+that (state "refreshing" or "deleting") until it is ready again or gone.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def pool_lock(inventory: str, pool: str) -> Iterator[None]:
 
 def claim_free(domain: libvirt.virDomain, inventory: str, pool: str,
                state: str) -> DesktopRecord | None:
-    """Mark a free, ready desktop with ``state`` so nobody checks it out meanwhile.
+    """Mark a free, ready desktop with ``state`` so that no checkout takes it meanwhile.
 
     Returns the record as it was, or None if the desktop is in use, not ready or gone.
     """

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Release:
-    """What release did: whose session ended and which logoff action ran."""
+    """The outcome of a release: whose session ended and which logoff action ran."""
 
     desktop: str
     pool: str
@@ -75,7 +75,7 @@ def _logoff_action(inventory: Inventory, desktop: str,
 
 
 def _free(record: DesktopRecord) -> DesktopRecord:
-    """A copy of the record without its session, as it is once released."""
+    """Return a copy of the record without its session, as it is once released."""
     copy = metadata.from_xml(metadata.to_xml(record))
     copy.session_user = ""
     return copy

@@ -66,7 +66,7 @@ def start(ctx: HostContext, domain: libvirt.virDomain, on_event: EventSink) -> b
 
 def wait_running(domain: libvirt.virDomain, record: DesktopRecord, access_key: str,
                  on_event: EventSink, *, timeout: float) -> None:
-    """Wait until a started desktop answers through its agent and, with a forward, SSH."""
+    """Wait until a started desktop's guest agent responds and, with a forward, SSH works."""
     name = domain.name()
     expected = readiness.Expected(
         hostname=record.hostname, machine_id=record.machine_id,

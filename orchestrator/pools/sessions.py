@@ -218,6 +218,6 @@ def wait_started(ctx: HostContext, checkout: Checkout, inventory: Inventory,
 
 
 def run_lock(inventory: Inventory):
-    """The inventory's run lock, which apply, refresh and destroy also hold."""
+    """Return the inventory's run lock, which apply, refresh and destroy also take."""
     return locks.exclusive_run(f"inventory:{inventory.name}",
                                f"run on inventory {inventory.name}")

@@ -33,12 +33,12 @@ class Member:
 
 @dataclass
 class PoolLayout:
-    """What a pool should have: its desktops, the ones to delete, and why none are added."""
+    """The target of one pool: its desktops, the ones to delete, and why none are added."""
 
     pool: str
     desktops: list[Member] = field(default_factory=list)
     surplus: dict[str, str] = field(default_factory=dict)  # desktop -> reason to delete
-    held: str = ""  # why the pool gets no new desktops, empty if nothing holds it
+    held: str = ""  # why the pool gets no new desktops; empty if nothing stops them
 
 
 def is_taken(record: DesktopRecord) -> bool:
@@ -47,7 +47,7 @@ def is_taken(record: DesktopRecord) -> bool:
 
 
 def wanted_count(pool: Pool, taken: int, existing: int, grow: int = 0) -> int:
-    """Return how many desktops ``pool`` should have; ``grow`` asks for more than existing."""
+    """Return how many desktops ``pool`` should have; ``grow`` requests more than exist."""
     if pool.provisioning.mode == "up-front":
         wanted = pool.size
     else:
@@ -125,7 +125,7 @@ def _shrink(key: str, pool: Pool, members: list[Member]) -> PoolLayout:
 
 @dataclass
 class _UsedNames:
-    """Names (folded) and numbers per pattern that desktops have or were just given."""
+    """Casefolded names, and numbers per pattern, that desktops have or were just given."""
 
     names: set[str]
     records: list[str]
