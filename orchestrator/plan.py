@@ -22,7 +22,7 @@ from orchestrator.images.catalog import ImageVersion
 from orchestrator.inventory import Inventory
 from orchestrator.instant import fork, parent
 from orchestrator.inventory.naming import expand_hostname
-from orchestrator.pools import sizing
+from orchestrator.pools import claims, sizing
 from orchestrator.pools.sizing import PoolLayout
 from orchestrator.provision.request import DesktopRequest, NetworkSpec
 from orchestrator.state import events, metadata
@@ -379,6 +379,10 @@ def _compare(plan: Plan, ctx: HostContext, domain: libvirt.virDomain, request: D
         return Action(kind, request.name, request.pool, ctx.settings.name, reason,
                       request=request, record=record)
 
+    if record.state in claims.BUSY_STATES:
+        # NOTE: a release killed with SIGKILL in the middle leaves this state behind;
+        # labctl refresh then re-creates the desktop.
+        return action("keep", f"{record.state} by a release or refresh that is running")
     if record.state != "ready":
         return action("replace", f"left {record.state} by an interrupted run")
     for path in (record.disk, record.seed):

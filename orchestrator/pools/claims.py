@@ -17,6 +17,9 @@ from orchestrator import locks
 from orchestrator.state import metadata
 from orchestrator.state.metadata import DesktopRecord
 
+# Record states of a desktop that a release or refresh is re-creating or removing.
+BUSY_STATES = ("refreshing", "deleting")
+
 
 @contextlib.contextmanager
 def pool_lock(inventory: str, pool: str) -> Iterator[None]:
