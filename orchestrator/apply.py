@@ -196,7 +196,8 @@ def _settle_power(plan: Plan, action: Action, on_event: EventSink) -> None:
     record = metadata.read(domain)
     if record is None or record.session_user:
         return
-    power.apply_policy(ctx, domain, plan.inventory.pools[action.pool].power_policy, on_event)
+    power.apply_policy(ctx, domain, record, plan.inventory.pools[action.pool].power_policy,
+                       on_event)
 
 
 def _start(ctx, name: str, on_event: EventSink) -> None:

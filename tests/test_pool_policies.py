@@ -16,8 +16,9 @@ import pytest
 import yaml
 from conftest import TEST_POOL, TEST_POOL_PATH, URI, run_labctl, unique_name
 
+from orchestrator.errors import LabctlError
 from orchestrator.inventory import load_inventory
-from orchestrator.pools import sizing
+from orchestrator.pools import sessions, sizing
 from orchestrator.state import events
 from orchestrator.state.metadata import DesktopRecord
 
@@ -127,6 +128,19 @@ def test_names_list_takes_unused(tmp_path):
     inventory = inventory_of(tmp_path, pools)
     layouts = sizing.layout(inventory, {"x": record("lab", 1, session="ann")}, set())
     assert names(layouts, "lab") == ["x", "y"]
+
+
+@pytest.mark.parametrize("user", ["", "a b", "-x", "ann;rm", "x" * 65])
+def test_user_name_invalid(user):
+    with pytest.raises(LabctlError) as caught:
+        sessions.check_user(user)
+    assert caught.value.message == f"invalid user name {user!r}"
+    assert "1 to 64 letters" in (caught.value.fix or "")
+
+
+def test_user_name_valid():
+    for user in ("ann", "j.doe", "ann@lab.test", "u_1"):
+        sessions.check_user(user)
 
 
 # --- on real hosts ---------------------------------------------------------------------------

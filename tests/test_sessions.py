@@ -153,6 +153,9 @@ def test_dedicated_refresh_keeps_user(make_inventory):
     back = checkout(path, "own", "ann")
     assert back["desktop"] == name, back
     assert back["started"], f"checkout did not start the shut-off desktop: {back}"
+    taken = run_labctl("assign", str(path), name, "--user", "bob", timeout=COMMAND_TIMEOUT)
+    assert taken.returncode == 1, describe(taken)
+    assert f"{name} is in use by ann" in taken.stderr, taken.stderr
     refused = run_labctl("checkout", str(path), "manual", "--user", "ann",
                          timeout=COMMAND_TIMEOUT)
     assert refused.returncode == 1, describe(refused)

@@ -91,8 +91,9 @@ def _carry_out(inventory: Inventory, ctx: HostContext, domain: libvirt.virDomain
         domain = _refresh(inventory, ctx, result, on_event)
         _note(inventory, result, "refreshed at logoff")
     pool = inventory.pools.get(result.pool)
-    if pool is not None:
-        power.apply_policy(ctx, domain, pool.power_policy, on_event)
+    record = metadata.read(domain)
+    if pool is not None and record is not None:
+        power.apply_policy(ctx, domain, record, pool.power_policy, on_event)
 
 
 def _refresh(inventory: Inventory, ctx: HostContext, result: Release,

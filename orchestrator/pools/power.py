@@ -15,6 +15,7 @@ from orchestrator.errors import GuestError, HostError
 from orchestrator.hosts.context import HostContext
 from orchestrator.provision import readiness
 from orchestrator.provision.steps import EventSink
+from orchestrator.state import events
 from orchestrator.state.metadata import DesktopRecord
 
 log = logging.getLogger(__name__)
@@ -23,8 +24,8 @@ log = logging.getLogger(__name__)
 SHUTDOWN_TIMEOUT = 120.0
 
 
-def apply_policy(ctx: HostContext, domain: libvirt.virDomain, policy: str,
-                 on_event: EventSink) -> None:
+def apply_policy(ctx: HostContext, domain: libvirt.virDomain, record: DesktopRecord,
+                 policy: str, on_event: EventSink) -> None:
     """Put a free desktop into the state its pool's power policy keeps free desktops in."""
     name = domain.name()
     if policy in ("always-on", "none") or not domain.isActive():
@@ -36,7 +37,9 @@ def apply_policy(ctx: HostContext, domain: libvirt.virDomain, policy: str,
         elif policy == "power-off":
             on_event(name, "power", "shut down")
             shutdown(domain)
-    log.info("%s: power policy %s applied", name, policy)
+    message = f"power policy {policy} applied"
+    log.info("pool %s, desktop %s: %s", record.pool, name, message)
+    events.record(record.inventory, "power", message, pool=record.pool, desktop=name)
 
 
 def shutdown(domain: libvirt.virDomain, timeout: float = SHUTDOWN_TIMEOUT) -> None:
