@@ -314,7 +314,7 @@ def memory_too_large(setup: Setup) -> BadInput:
 
 
 def colliding_pools(setup: Setup) -> BadInput:
-    # Pools with the same pattern share its numbers; these two patterns differ but both
+    # Pools with the same pattern share its numbers. These two patterns differ, but both
     # make {prefix}1.
     other = {**pool(setup.prefix, clone="full"), "naming": f"{setup.prefix}{{n:fixed=1}}"}
     pools = {"lab": pool(setup.prefix), "other": other}

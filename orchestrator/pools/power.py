@@ -71,6 +71,8 @@ def wait_running(domain: libvirt.virDomain, record: DesktopRecord, access_key: s
                  on_event: EventSink, *, timeout: float) -> None:
     """Wait until a started desktop's guest agent responds and, with a forward, SSH works."""
     name = domain.name()
+    # NOTE: a desktop on a libvirt network or bridge has no SSH forward, so only its agent
+    # and identity are checked here, not its SSH login.
     expected = readiness.Expected(
         hostname=record.hostname, machine_id=record.machine_id,
         ssh_address="127.0.0.1" if record.ssh_port else "", ssh_port=record.ssh_port,
