@@ -7,6 +7,7 @@ run first so that a renamed pool frees its resources before new desktops need th
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
@@ -26,7 +27,8 @@ from orchestrator.provision.hardware import update_hardware
 from orchestrator.provision.remove import remove_desktop, remove_unused_bases
 from orchestrator.provision.steps import EventSink
 from orchestrator.instant import parent
-from orchestrator.state import metadata
+from orchestrator.pools import claims, power
+from orchestrator.state import events, metadata
 from orchestrator.state.metadata import DesktopRecord
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,52 @@ class ApplyResult:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, LabctlError] = field(default_factory=dict)
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Desktops not made because their pool stopped at a provisioning error in this run.
+    held: list[str] = field(default_factory=list)
+
+
+# Actions that create a desktop or its disk; an error in one of them stops a pool with
+# provisioning.stop_on_error.
+PROVISIONING = ("create", "replace", "outdated", "refresh")
+
+
+class PoolStopped(LabctlError):
+    """A pool stopped at a provisioning error makes no more desktops until labctl clear."""
+
+
+class PoolStops:
+    """The pools that stopped at a provisioning error, shared by apply's worker threads."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.inventory = plan.inventory
+        self._stopped = set(plan.stopped)
+        self._lock = threading.Lock()
+
+    def check(self, action: Action) -> None:
+        """Raise PoolStopped if the action would provision a desktop of a stopped pool."""
+        with self._lock:
+            stopped = action.pool in self._stopped
+        if stopped and action.kind in PROVISIONING:
+            raise PoolStopped(
+                f"pool {action.pool} stopped at a provisioning error, so {action.desktop} "
+                "was not made", where=action.desktop,
+                fix=f"see labctl status, fix the cause, then labctl clear "
+                f"{self.inventory.path} {action.pool}")
+
+    def failed(self, action: Action, error: LabctlError) -> None:
+        """Stop the action's pool if provisioning failed and the pool stops on errors."""
+        pool = self.inventory.pools.get(action.pool)
+        if action.kind not in PROVISIONING or pool is None:
+            return
+        if not pool.provisioning.stop_on_error or isinstance(error, PoolStopped):
+            return
+        with self._lock:
+            first = action.pool not in self._stopped
+            self._stopped.add(action.pool)
+        if first:
+            events.stop_pool(self.inventory.name, action.pool, action.desktop, str(error))
+            log.info("pool %s: stopped at the provisioning error of %s", action.pool,
+                     action.desktop)
 
 
 def apply_plan(plan: Plan, on_event: EventSink, *, replace: bool = False) -> ApplyResult:
@@ -52,14 +100,16 @@ def apply_plan(plan: Plan, on_event: EventSink, *, replace: bool = False) -> App
                      f"kernel same-page merging {'on' if ctx.settings.ksm else 'off'}")
     for action in plan.of_kind("delete"):
         _run(result, action, lambda a=action: _delete(plan, a, on_event), result.deleted)
-    work = plan.of_kind("create", "update", "replace", "start")
+    work = plan.of_kind("create", "update", "replace", "start", "refresh")
     if replace:
         work += plan.of_kind("outdated")
     else:
         result.skipped = [action.desktop for action in plan.of_kind("outdated")]
     workers = max(1, sum(ctx.settings.max_parallel for ctx in plan.hosts.values()))
+    stops = PoolStops(plan)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="provision") as executor:
-        futures = {executor.submit(_converge, plan, action, access_key, on_event): action
+        futures = {executor.submit(_converge_or_stop, plan, action, access_key, on_event,
+                                   stops): action
                    for action in work}
         try:
             _collect(futures, result)
@@ -96,11 +146,14 @@ def _collect(futures: dict, result: ApplyResult) -> None:
         action = futures[future]
         try:
             timings = future.result()
+        except PoolStopped:
+            result.held.append(action.desktop)
+            continue
         except LabctlError as exc:
             result.failed[action.desktop] = exc
             log.info("%s failed: %s", action.desktop, exc)
             continue
-        target = result.updated if action.kind == "update" else result.created
+        target = result.updated if action.kind in ("update", "refresh") else result.created
         target.append(action.desktop)
         if timings:
             result.timings[action.desktop] = timings
@@ -119,6 +172,40 @@ def _run(result: ApplyResult, action: Action, work, done: list[str]) -> None:
 def _delete(plan: Plan, action: Action, on_event: EventSink) -> None:
     ctx = plan.hosts[action.host]
     remove_desktop(ctx, ctx.conn.lookupByName(action.desktop), plan.inventory.name, on_event)
+    note(plan.inventory.name, action, "delete", action.reason)
+
+
+def note(inventory: str, action: Action, kind: str, message: str) -> None:
+    """Log a lifecycle step at INFO and add it to the inventory's event history."""
+    log.info("pool %s, desktop %s: %s: %s", action.pool, action.desktop, kind, message)
+    events.record(inventory, kind, message, pool=action.pool, desktop=action.desktop)
+
+
+def _converge_or_stop(plan: Plan, action: Action, access_key: keys.KeyPair,
+                      on_event: EventSink, stops: PoolStops) -> dict[str, float]:
+    """Converge one desktop unless its pool stopped; a provisioning error may stop it."""
+    stops.check(action)
+    try:
+        timings = _converge(plan, action, access_key, on_event)
+    except LabctlError as exc:
+        stops.failed(action, exc)
+        note(plan.inventory.name, action, "failed", f"{action.kind} failed: {exc}")
+        raise
+    if action.kind in PROVISIONING:
+        note(plan.inventory.name, action, action.kind, f"ready ({action.reason})")
+        _settle_power(plan, action, on_event)
+    return timings
+
+
+def _settle_power(plan: Plan, action: Action, on_event: EventSink) -> None:
+    """Apply the pool's power policy to a desktop just made, unless someone uses it."""
+    ctx = plan.hosts[action.host]
+    domain = ctx.conn.lookupByName(action.desktop)
+    record = metadata.read(domain)
+    if record is None or record.session_user:
+        return
+    power.apply_policy(ctx, domain, record, plan.inventory.pools[action.pool].power_policy,
+                       on_event)
 
 
 def _start(ctx, name: str, on_event: EventSink) -> None:
@@ -143,7 +230,23 @@ def _converge(plan: Plan, action: Action, access_key: keys.KeyPair,
         return {}
     if action.kind in ("replace", "outdated"):
         return recreate_desktop(ctx, plan.inventory.name, action.request, access_key, on_event)
+    if action.kind == "refresh":
+        return refresh_free(ctx, plan.inventory.name, action.request, access_key, on_event)
     return provision(ctx, action.request, access_key, on_event)
+
+
+def refresh_free(ctx: HostContext, inventory: str, request: DesktopRequest,
+                 access_key: keys.KeyPair, on_event: EventSink) -> dict[str, float]:
+    """Refresh a desktop if it is still free; one checked out since the plan waits for its
+    release."""
+    # NOTE: a full clone is refreshed with a new copy of the image. A snapshot taken when
+    # it was first ready, reverted here, would keep its customization and skip the copy.
+    domain = ctx.conn.lookupByName(request.name)
+    if claims.claim_free(domain, inventory, request.pool, "refreshing") is None:
+        log.info("%s: in use or busy since the plan; its refresh waits for its release",
+                 request.name)
+        return {}
+    return recreate_desktop(ctx, inventory, request, access_key, on_event)
 
 
 def recreate_desktop(ctx: HostContext, inventory: str, request: DesktopRequest,

@@ -19,12 +19,14 @@ from orchestrator.hosts.context import HostContext, HostSettings, open_host
 from orchestrator.identity.desktop import UserAccount
 from orchestrator.images import catalog, recipes
 from orchestrator.images.catalog import ImageVersion
-from orchestrator.inventory import Inventory, expand_names
+from orchestrator.inventory import Inventory
 from orchestrator.inventory.fields import MIB
 from orchestrator.instant import fork, parent
 from orchestrator.inventory.naming import expand_hostname
+from orchestrator.pools import claims, sizing
+from orchestrator.pools.sizing import PoolLayout
 from orchestrator.provision.request import DesktopRequest, NetworkSpec
-from orchestrator.state import metadata
+from orchestrator.state import events, metadata
 from orchestrator.state.metadata import DesktopRecord
 from orchestrator.storage import placement, qemuimg
 
@@ -36,7 +38,8 @@ READY_TIMEOUT = {"kvm": 300.0, "tcg": 1200.0}
 
 @dataclass
 class Action:
-    """One change: create, delete, update (hardware, in place), start, replace or keep."""
+    """One change: create, delete, update (hardware, in place), start, replace, refresh
+    (a free desktop whose overlay grew past refresh_over), outdated or keep."""
 
     kind: str
     desktop: str
@@ -55,6 +58,9 @@ class Plan:
     images_to_build: list[str] = field(default_factory=list)
     # Instant pools whose parent VM apply has to build first: pool -> method.
     parents_to_build: dict[str, str] = field(default_factory=dict)
+    # Pools stopped at a provisioning error, with that error, until labctl clear.
+    stopped: dict[str, events.PoolError] = field(default_factory=dict)
+    layouts: dict[str, PoolLayout] = field(default_factory=dict)
 
     def of_kind(self, *kinds: str) -> list[Action]:
         return [action for action in self.actions if action.kind in kinds]
@@ -120,7 +126,9 @@ def _resolve_image(key: str, ref, *, build: bool,
 
 
 def desktop_requests(inventory: Inventory, images: dict[str, ImageVersion | None],
-                     hosts: dict[str, HostContext]) -> list[DesktopRequest]:
+                     hosts: dict[str, HostContext],
+                     layouts: dict[str, PoolLayout]) -> list[DesktopRequest]:
+    """Return a request for every desktop the pools' layouts name, existing or new."""
     requests = []
     for pool_key, pool in inventory.pools.items():
         image = images[pool.image]
@@ -135,7 +143,8 @@ def desktop_requests(inventory: Inventory, images: dict[str, ImageVersion | None
         instant = ""
         if pool.clone == "instant" and pool.host in hosts:
             instant = _instant_method(inventory, pool_key, hosts[pool.host])
-        for number, name in enumerate(expand_names(pool), start=1):
+        for member in layouts[pool_key].desktops:
+            name, number = member.name, member.number
             requests.append(DesktopRequest(
                 name=name, inventory=inventory.name, pool=pool_key, index=number,
                 clone=pool.clone, image=image or _placeholder(pool.image), host=pool.host,
@@ -217,8 +226,13 @@ def observed_desktops(ctx: HostContext, inventory: str) -> dict[str, tuple[libvi
 
 
 def make_plan(inventory: Inventory, *, build_images: bool = False,
-              progress: recipes.Progress | None = None) -> Plan:
-    """Connect to the inventory's hosts and compute the actions that converge them."""
+              progress: recipes.Progress | None = None,
+              grow: dict[str, int] | None = None) -> Plan:
+    """Connect to the inventory's hosts and compute the actions that converge them.
+
+    ``grow`` requests more desktops in a pool than its sizing keeps (a checkout that
+    found no free desktop), still at most the pool's size.
+    """
     used_hosts = sorted({pool.host for pool in inventory.pools.values()})
     check_local_only(inventory)
     hosts: dict[str, HostContext] = {}
@@ -226,12 +240,16 @@ def make_plan(inventory: Inventory, *, build_images: bool = False,
         for key in used_hosts:
             hosts[key] = open_inventory_host(inventory, key)
         images = resolve_images(inventory, build=build_images, progress=progress)
-        requests = desktop_requests(inventory, images, hosts)
-        plan = Plan(inventory, hosts)
+        observed = {key: observed_desktops(ctx, inventory.name) for key, ctx in hosts.items()}
+        records = {name: record for found in observed.values()
+                   for name, (_domain, record) in found.items()}
+        plan = Plan(inventory, hosts, stopped=events.stopped_pools(inventory.name))
+        plan.layouts = sizing.layout(inventory, records, set(plan.stopped), grow)
+        requests = desktop_requests(inventory, images, hosts, plan.layouts)
         plan.images_to_build = sorted(key for key, image in images.items() if image is None)
         for key, ctx in hosts.items():
             _check_host(inventory, ctx, [r for r in requests if r.host == key])
-            _diff(plan, ctx, [r for r in requests if r.host == key])
+            _diff(plan, ctx, [r for r in requests if r.host == key], observed[key])
             _parents_to_build(plan, ctx, [r for r in requests if r.host == key])
         return plan
     except BaseException:
@@ -305,8 +323,8 @@ def _exists(domain: libvirt.virDomain) -> bool:
     return True
 
 
-def _diff(plan: Plan, ctx: HostContext, requests: list[DesktopRequest]) -> None:
-    observed = observed_desktops(ctx, plan.inventory.name)
+def _diff(plan: Plan, ctx: HostContext, requests: list[DesktopRequest],
+          observed: dict[str, tuple[libvirt.virDomain, DesktopRecord]]) -> None:
     _check_same_file(plan.inventory, observed)
     requests = placement.place(plan.inventory, ctx.storage_paths(), requests,
                                {name: record for name, (_d, record) in observed.items()})
@@ -318,11 +336,25 @@ def _diff(plan: Plan, ctx: HostContext, requests: list[DesktopRequest]) -> None:
                                        "missing", request=request))
             continue
         domain, record = found
-        plan.actions.append(_compare(ctx, domain, request, record))
+        plan.actions.append(_hold_stopped(plan, _compare(plan, ctx, domain, request, record)))
+    surplus = {name: reason for layout in plan.layouts.values()
+               for name, reason in layout.surplus.items()}
     for name, (_domain, record) in sorted(observed.items()):
         if name not in wanted:
+            reason = surplus.get(name, "not in the inventory")
+            if record.pool in plan.inventory.pools and name not in surplus:
+                reason = f"its name does not fit pool {record.pool}'s naming"
             plan.actions.append(Action("delete", name, record.pool, ctx.settings.name,
-                                       "not in the inventory", record=record))
+                                       reason, record=record))
+
+
+def _hold_stopped(plan: Plan, action: Action) -> Action:
+    """Keep a stopped pool's failed desktop as it is: re-creating it is provisioning."""
+    if action.kind != "replace" or action.pool not in plan.stopped:
+        return action
+    action.kind = "keep"
+    action.reason = f"{action.reason}; pool stopped at a provisioning error (labctl clear)"
+    return action
 
 
 def _parents_to_build(plan: Plan, ctx: HostContext, requests: list[DesktopRequest]) -> None:
@@ -354,12 +386,16 @@ def _check_same_file(inventory: Inventory, observed: dict) -> None:
             )
 
 
-def _compare(ctx: HostContext, domain: libvirt.virDomain, request: DesktopRequest,
+def _compare(plan: Plan, ctx: HostContext, domain: libvirt.virDomain, request: DesktopRequest,
              record: DesktopRecord) -> Action:
     def action(kind: str, reason: str) -> Action:
         return Action(kind, request.name, request.pool, ctx.settings.name, reason,
                       request=request, record=record)
 
+    if record.state in claims.BUSY_STATES:
+        # NOTE: a release killed with SIGKILL in the middle leaves this state behind;
+        # labctl refresh then re-creates the desktop.
+        return action("keep", f"{record.state} by a release or refresh that is running")
     if record.state != "ready":
         return action("replace", f"left {record.state} by an interrupted run")
     for path in (record.disk, record.seed):
@@ -373,6 +409,31 @@ def _compare(ctx: HostContext, domain: libvirt.virDomain, request: DesktopReques
         return action("outdated", "clone method, disk, network or identity settings changed")
     if record.extra.get("hardware_hash") != request.hardware_hash():
         return action("update", "vCPUs or memory changed")
+    pool = plan.inventory.pools[request.pool]
     if not domain.isActive():
+        if pool.power_policy != "always-on":
+            return action("keep", f"shut off or suspended (power: {pool.power_policy})")
         return action("start", "shut off")
+    grown = overlay_growth(request.name, pool, record)
+    if grown:
+        return action("refresh", grown)
     return action("keep", "up to date")
+
+
+def overlay_growth(name: str, pool, record: DesktopRecord) -> str:
+    """Return why a free desktop's OS disk overlay needs a refresh, or "" if it does not.
+
+    The actual size qemu-img reports counts the clusters the guest wrote since the
+    overlay was made. A desktop in use is left alone; its refresh waits for its release.
+    """
+    if pool.refresh_over is None or record.clone == "full" or record.session_user:
+        return ""
+    try:
+        actual = qemuimg.info(record.disk).actual_size
+    except ImageError as exc:
+        log.warning("%s: cannot read the size of its OS disk: %s", name, exc)
+        return ""
+    if actual <= pool.refresh_over:
+        return ""
+    return (f"OS disk overlay is {actual >> 20} MiB, over refresh_over "
+            f"({pool.refresh_over >> 20} MiB)")

@@ -11,6 +11,7 @@ from orchestrator.errors import ImageError
 from orchestrator.hosts.context import HostContext
 from orchestrator.instant.parent import ParentRecord, inventory_parents
 from orchestrator.plan import observed_desktops
+from orchestrator.state import events
 from orchestrator.state.metadata import DesktopRecord
 from orchestrator.storage import qemuimg
 
@@ -27,6 +28,8 @@ _STATES = {
 
 def desktop_status(domain: libvirt.virDomain, record: DesktopRecord) -> dict:
     state = _STATES.get(domain.state()[0], "unknown")
+    if state == "shut off" and domain.hasManagedSaveImage(0):
+        state = "saved"  # managed save: its memory is on disk, start resumes it
     if record.state != "ready":
         state = f"{state}, {record.state}"
     return {
@@ -49,6 +52,9 @@ def desktop_status(domain: libvirt.virDomain, record: DesktopRecord) -> dict:
         "ready_seconds": record.ready_seconds,
         "created": record.created,
         "generation": record.generation,
+        "assigned_to": record.assigned_to,
+        "session": {"user": record.session_user, "since": record.session_since}
+        if record.session_user else None,
     }
 
 
@@ -70,9 +76,11 @@ def collect(inventory, hosts: dict[str, HostContext]) -> dict:
             except libvirt.libvirtError:
                 continue  # removed by another run since the listing
     pools = []
+    stopped = events.stopped_pools(inventory.name)
     for key, pool in inventory.pools.items():
         members = sorted((d for d in desktops if d["pool"] == key), key=lambda d: d["name"])
-        pools.append({"name": key, "clone": pool.clone, "desktops": members})
+        pools.append({"name": key, "clone": pool.clone, "desktops": members,
+                      "error": _pool_error(stopped.get(key))})
     orphans = [d for d in desktops if d["pool"] not in inventory.pools]
     if orphans:
         pools.append({"name": "(removed from the inventory)", "clone": "", "desktops": orphans})
@@ -80,6 +88,14 @@ def collect(inventory, hosts: dict[str, HostContext]) -> dict:
                for domain, record in inventory_parents(ctx.conn, inventory.name)]
     return {"inventory": inventory.name, "pools": pools,
             "parents": sorted(parents, key=lambda p: (p["pool"], p["created"]))}
+
+
+def _pool_error(error: events.PoolError | None) -> dict | None:
+    """Return the error that stopped a pool's provisioning, with its time in ISO 8601 UTC."""
+    if error is None:
+        return None
+    when = datetime.fromtimestamp(error.time, timezone.utc).isoformat(timespec="seconds")
+    return {"time": when, "desktop": error.desktop, "message": error.message}
 
 
 def parent_status(domain: libvirt.virDomain, record: ParentRecord) -> dict:

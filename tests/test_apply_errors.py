@@ -314,7 +314,10 @@ def memory_too_large(setup: Setup) -> BadInput:
 
 
 def colliding_pools(setup: Setup) -> BadInput:
-    pools = {"lab": pool(setup.prefix), "other": pool(setup.prefix, clone="full")}
+    # Pools with the same pattern share its numbers. These two patterns differ, but both
+    # make {prefix}1.
+    other = {**pool(setup.prefix, clone="full"), "naming": f"{setup.prefix}{{n:fixed=1}}"}
+    pools = {"lab": pool(setup.prefix), "other": other}
     path = setup.make_inventory(pools)
     return BadInput(path, ("pools", "other", "naming"), "both make the desktop")
 

@@ -224,9 +224,11 @@ def test_naming_too_long(tmp_path):
     error = load_error(tmp_path, pool_yaml(size="20", naming='"verylongprefix-{n}"'))
     assert error.where == at(tmp_path, 10)
     assert error.message == (
-        "pools.lab.naming: pattern 'verylongprefix-{n}' makes 17-character names for size 20; "
-        "names are limited to 15, so the text around {n} may be at most 13 characters"
+        "pools.lab.naming: pattern 'verylongprefix-{n}' makes 17-character names for 20 "
+        "desktops; names are limited to 15 characters (NetBIOS), so with 2-digit numbers the "
+        "prefix and suffix around {n} may be at most 13 characters"
     )
+    assert error.fix == "shorten the prefix and suffix to 13 characters in all"
 
 
 def test_naming_fixed_too_narrow(tmp_path):
@@ -280,14 +282,49 @@ def test_names_invalid_entry(tmp_path, name):
 
 
 def test_pools_overlap(tmp_path):
+    # lab-{n:fixed=1} is another pattern than lab-{n}, yet both make lab-1 and lab-2.
     text = (
         pool_yaml()
-        + '  other:\n    image: img\n    clone: full\n    size: 3\n    naming: "lab-{n}"\n'
+        + '  other:\n    image: img\n    clone: full\n    size: 3\n'
+        + '    naming: "lab-{n:fixed=1}"\n'
     )
     error = load_error(tmp_path, text)
     assert error.where == at(tmp_path, 15)
     assert f"pools 'lab' ({at(tmp_path, 10)}) and 'other' ({at(tmp_path, 15)})" in error.message
     assert "'lab-1'" in error.message
+
+
+def test_pools_share_pattern(tmp_path):
+    text = (
+        pool_yaml()
+        + '  other:\n    image: img\n    clone: full\n    size: 3\n    naming: "lab-{n}"\n'
+    )
+    inventory = load_text(tmp_path, text)
+    assert set(inventory.pools) == {"lab", "other"}
+
+
+def test_shared_pattern_too_long(tmp_path):
+    # Alone, each pool's names fit (lab-prefixxxx-1 to lab-prefixxxx-9, 15 characters); together
+    # the 18 desktops need two digits, and the pattern then leaves 13 characters of text.
+    text = (
+        pool_yaml(size="9", naming='"lab-prefixxxx-{n}"')
+        + '  other:\n    image: img\n    clone: full\n    size: 9\n'
+        + '    naming: "lab-prefixxxx-{n}"\n'
+    )
+    error = load_error(tmp_path, text)
+    assert "pools lab, other share the pattern 'lab-prefixxxx-{n}'" in error.message, error
+    assert "numbers go up to 18" in error.message, error
+    assert "may be at most 13 characters" in error.message, error
+
+
+def test_pools_same_names_lists(tmp_path):
+    text = (
+        pool_yaml(size=None, naming=None, names="[a1, b1]")
+        + "  other:\n    image: img\n    clone: full\n    names: [c1, B1]\n"
+    )
+    error = load_error(tmp_path, text)
+    assert error.where == at(tmp_path, 13), error
+    assert "both make the desktop 'B1'" in error.message, error
 
 
 def test_pools_overlap_names_list(tmp_path):

@@ -23,7 +23,7 @@ from orchestrator.provision.remove import destroy_inventory
 from orchestrator.smoke import run_smoke as smoke
 
 _SYMBOLS = {"create": "+", "delete": "-", "update": "~", "start": ">", "replace": "!",
-            "outdated": "?", "keep": "="}
+            "refresh": "*", "outdated": "?", "keep": "="}
 
 
 def register(commands, add_output) -> None:
@@ -81,7 +81,9 @@ def show_plan(args: argparse.Namespace) -> int:
         if args.output == "json":
             output.print_json({"inventory": inventory.name, "build_images": plan.images_to_build,
                                "build_parents": plan.parents_to_build,
-                               "actions": _describe_plan(plan)})
+                               "actions": _describe_plan(plan),
+                               "held": {key: layout.held for key, layout in
+                                        plan.layouts.items() if layout.held}})
             return 0
         for key in plan.images_to_build:
             ref = inventory.images[key]
@@ -97,11 +99,18 @@ def show_plan(args: argparse.Namespace) -> int:
         counts = {kind: len(plan.of_kind(kind)) for kind in _SYMBOLS}
         print(f"Plan: {counts['create']} to create, {counts['update']} to update, "
               f"{counts['start']} to start, "
-              f"{counts['replace'] + counts['outdated']} to replace, {counts['delete']} to "
-              f"delete, {counts['keep']} unchanged.")
+              f"{counts['replace'] + counts['outdated']} to replace, {counts['refresh']} to "
+              f"refresh, {counts['delete']} to delete, {counts['keep']} unchanged.")
+        _print_held(plan)
     finally:
         plan.close()
     return 0
+
+
+def _print_held(plan: Plan) -> None:
+    for key, layout in sorted(plan.layouts.items()):
+        if layout.held:
+            print(f"pool {key} gets no new desktops: {layout.held}")
 
 
 def _inventory_lock(inventory, command: str):
@@ -142,16 +151,21 @@ def _apply(args: argparse.Namespace, inventory) -> int:
                                             "updated": result.updated,
                                             "deleted": result.deleted,
                                             "skipped": result.skipped,
+                                            "held": result.held,
                                             "failed": failed}) + "\n")
     elif data is not None:
         _print_status(data)
         _print_parents(data)
+        _print_stopped(args.inventory, data)
         for name in result.skipped:
             print(f"{name}: out of date (image or identity changed); run 'labctl apply "
                   f"--replace {args.inventory}' to re-create it")
         _print_access(args.inventory, data)
     for name, error in result.failed.items():
         print(f"labctl: error: {error}", file=sys.stderr)
+    if result.held:
+        print(f"labctl: not made because their pool stopped: {', '.join(sorted(result.held))}",
+              file=sys.stderr)
     return 1 if result.failed else 0
 
 
@@ -165,14 +179,26 @@ def _print_status(data: dict) -> None:
     for pool in data["pools"]:
         for desktop in pool["desktops"]:
             ssh = desktop["ssh"]
+            session = desktop["session"] or {"user": "", "since": ""}
             rows.append((
                 desktop["name"], pool["name"], desktop["clone"], desktop["state"],
                 desktop["mac"], desktop["hostname"], desktop["machine_id"][:12],
                 f"127.0.0.1:{ssh['port']}" if ssh else "", f"{desktop['ready_seconds']:.1f}",
+                desktop["assigned_to"], session["user"], session["since"],
             ))
     output.print_table(f"inventory {data['inventory']}",
                        ("desktop", "pool", "clone", "state", "MAC", "hostname", "machine-id",
-                        "SSH", "ready s"), rows)
+                        "SSH", "ready s", "assigned", "session", "since"), rows)
+
+
+def _print_stopped(path: Path, data: dict) -> None:
+    """Print each pool stopped at a provisioning error, with the error and its time."""
+    for pool in data["pools"]:
+        error = pool.get("error")
+        if error:
+            print(f"pool {pool['name']} stopped at {error['time']}: {error['desktop']}: "
+                  f"{error['message']} (fix the cause, then labctl clear {path} "
+                  f"{pool['name']})")
 
 
 def _print_parents(data: dict) -> None:
@@ -216,6 +242,7 @@ def show_status(args: argparse.Namespace) -> int:
     else:
         _print_status(data)
         _print_parents(data)
+        _print_stopped(args.inventory, data)
     return 0
 
 

@@ -12,8 +12,10 @@ from orchestrator.inventory.naming import (
     FQDN_MAX,
     HOSTNAME_MAX,
     HOSTNAME_RE,
+    NamingError,
+    check_fits,
     expand_hostname,
-    expand_names,
+    parse_pattern,
 )
 from orchestrator.inventory.positions import YamlMap
 
@@ -118,29 +120,76 @@ def _names_path(pool: Pool, name: str) -> tuple[str, ...]:
     return ("pools", name, "naming" if pool.naming is not None else "names")
 
 
+def possible_names(inventory: Inventory) -> dict[str, list[tuple[int, str]]]:
+    """Return, per pool, every (number, desktop name) that the pool's desktops may get.
+
+    Pools with the same naming pattern share its numbers, and a desktop takes the lowest
+    number that no desktop of any of them has. So each of these pools may get any number
+    up to the sum of their sizes. A pool with names: gets exactly its names.
+    """
+    shared: dict[tuple[str, str, int], list[str]] = {}
+    for name, pool in inventory.pools.items():
+        if pool.naming is not None:
+            shared.setdefault(parse_pattern(pool.naming).key, []).append(name)
+    result: dict[str, list[tuple[int, str]]] = {}
+    for name, pool in inventory.pools.items():
+        if pool.names is not None:
+            result[name] = list(enumerate(pool.names, start=1))
+            continue
+        assert pool.naming is not None
+        pattern = parse_pattern(pool.naming)
+        group = shared[pattern.key]
+        total = sum(inventory.pools[member].size for member in group)
+        if len(group) > 1:
+            _check_shared_fits(inventory, name, group, total)
+        result[name] = [(number, pattern.format(number)) for number in range(1, total + 1)]
+    return result
+
+
+def _check_shared_fits(inventory: Inventory, name: str, group: list[str], total: int) -> None:
+    pool = inventory.pools[name]
+    assert pool.naming is not None
+    try:
+        check_fits(pool.naming, parse_pattern(pool.naming), total)
+    except NamingError as exc:
+        raise InventoryError(
+            f"pools.{name}.naming: pools {', '.join(group)} share the pattern "
+            f"{pool.naming!r}, so their numbers go up to {total}: {exc.message}",
+            where=inventory.where(("pools", name, "naming")),
+            fix=exc.fix,
+        ) from exc
+
+
 def _check_desktop_names(inventory: Inventory) -> None:
     owners: dict[str, str] = {}
-    for pool_name, pool in inventory.pools.items():
-        for desktop in expand_names(pool):
+    patterns = {name: parse_pattern(pool.naming).key for name, pool in inventory.pools.items()
+                if pool.naming is not None}
+    for pool_name, numbered in possible_names(inventory).items():
+        pool = inventory.pools[pool_name]
+        for _number, desktop in numbered:
             owner = owners.setdefault(desktop.casefold(), pool_name)
             if owner == pool_name:
                 continue
+            if owner in patterns and patterns.get(pool_name) == patterns[owner]:
+                continue  # the same pattern: the pools share its numbers
             first = inventory.where(_names_path(inventory.pools[owner], owner))
             second = inventory.where(_names_path(pool, pool_name))
             raise InventoryError(
                 f"pools {owner!r} ({first}) and {pool_name!r} ({second}) both make the "
                 f"desktop {desktop!r}",
                 where=second,
-                fix="change the naming of one of the pools",
+                fix="change the naming of one of the pools, or give both the same pattern "
+                "to share its numbers",
             )
 
 
 def _check_hostnames(inventory: Inventory) -> None:
     seen: dict[str, str] = {}
-    for pool_name, pool in inventory.pools.items():
+    for pool_name, numbered in possible_names(inventory).items():
+        pool = inventory.pools[pool_name]
         path = ("pools", pool_name, "identity", "hostname")
         pattern = pool.identity.hostname
-        for number, desktop in enumerate(expand_names(pool), start=1):
+        for number, desktop in numbered:
             hostname = expand_hostname(pattern, desktop, number, pool_name)
             _check_hostname(inventory, path, pattern, hostname, pool.identity.domain)
             previous = seen.setdefault(hostname.casefold(), desktop)

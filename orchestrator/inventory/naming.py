@@ -55,6 +55,28 @@ class NamePattern:
     def digits(self, size: int) -> int:
         return max(self.width, len(str(size)))
 
+    def number_of(self, name: str) -> int | None:
+        """Return the number this pattern gives ``name``, or None if it never makes ``name``.
+
+        Names compare without case, as desktop names do elsewhere.
+        """
+        prefix, suffix = self.prefix.casefold(), self.suffix.casefold()
+        folded = name.casefold()
+        if not (folded.startswith(prefix) and folded.endswith(suffix)):
+            return None
+        digits = folded[len(prefix):len(folded) - len(suffix)]
+        if not digits.isascii() or not digits.isdigit():
+            return None
+        number = int(digits)
+        if number < 1 or self.format(number).casefold() != folded:
+            return None
+        return number
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        """Pools whose patterns have the same key share one space of numbers."""
+        return (self.prefix.casefold(), self.suffix.casefold(), self.width)
+
 
 def parse_pattern(text: str) -> NamePattern:
     """Parse a desktop name pattern with exactly one ``{n}`` or ``{n:fixed=N}``."""
@@ -116,10 +138,10 @@ def check_fits(text: str, pattern: NamePattern, size: int) -> None:
     if length > DESKTOP_NAME_MAX:
         room = DESKTOP_NAME_MAX - digits
         raise NamingError(
-            f"pattern {text!r} makes {length}-character names for size {size}; names are "
-            f"limited to {DESKTOP_NAME_MAX}, so the text around {{n}} may be at most "
-            f"{room} characters",
-            fix="shorten the prefix or suffix",
+            f"pattern {text!r} makes {length}-character names for {size} desktops; names "
+            f"are limited to {DESKTOP_NAME_MAX} characters (NetBIOS), so with {digits}-digit "
+            f"numbers the prefix and suffix around {{n}} may be at most {room} characters",
+            fix=f"shorten the prefix and suffix to {room} characters in all",
         )
 
 

@@ -1,0 +1,1 @@
+"""Pool policies: sizing and naming, checkout and release, logoff actions and power."""
