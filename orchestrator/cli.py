@@ -20,7 +20,7 @@ def _add_output(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from orchestrator.commands import (
-        apply_cmd, host_cmd, identity_cmd, image_cmd, inventory_cmd, ssh_cmd,
+        apply_cmd, gc_cmd, host_cmd, identity_cmd, image_cmd, inventory_cmd, ssh_cmd,
     )
 
     parser = argparse.ArgumentParser(
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     apply_cmd.register(commands, _add_output)
     apply_cmd.register_bench(commands, _add_output)
     ssh_cmd.register(commands, _add_output)
+    gc_cmd.register(commands, _add_output)
     return parser
 
 
