@@ -45,11 +45,16 @@ def debian_image():
     return recipes.ensure("debian12")
 
 
-def run_labctl(*args: str, check: bool = False, timeout: float = 1800) -> subprocess.CompletedProcess:
-    """Run the labctl CLI in a subprocess, as a user would; returns the completed process."""
+def run_labctl(*args: str, check: bool = False, timeout: float = 1800,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the labctl CLI in a subprocess, as a user would; returns the completed process.
+
+    ``env`` adds variables to this process's environment for the run.
+    """
     result = subprocess.run(
         [sys.executable, "-m", "orchestrator", *args],
         capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        env={**os.environ, **(env or {})},
     )
     if check and result.returncode != 0:
         raise AssertionError(
