@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
@@ -69,8 +70,9 @@ def _rolling_back(_signum: int, _frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Exit quietly when the reader of a pipe (head, less) goes away, as Unix tools do.
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    # SIGPIPE stays ignored (Python's default): with SIG_DFL, a write to a socket whose
+    # peer closed it (an SSH login while the guest's sshd restarts) killed labctl in the
+    # middle of a step. A reader of stdout that goes away is handled below instead.
     # SIGTERM takes the same path as Ctrl-C: interrupted desktops are rolled back.
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
@@ -93,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         print("labctl: interrupted; desktops that were being provisioned were rolled back",
               file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Exit quietly when the reader of a pipe (head, less) goes away, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

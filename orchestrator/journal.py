@@ -7,8 +7,10 @@ create, and each step are written to an SQLite file in the state directory
 ``running``. The next ``labctl apply``, ``refresh`` or ``gc`` of the inventory finds it
 there and removes or adopts the artifacts by name (see orchestrator/recovery.py).
 
-The journal is never the only record of a desktop: libvirt's domain metadata is. It
-only tells what an interrupted run was doing, on which host and storage pool.
+The journal is never the only record of a desktop: libvirt's domain metadata is. The
+journal records what an interrupted run was doing, on which host and storage pool.
+NOTE: finished operations are kept, because they let ``labctl gc`` prove that the
+volumes of a domain undefined by hand are labctl's. Nothing prunes them yet.
 
 Crash hook, for tests only: with ``LABCTL_CRASH_AFTER=STEP`` or ``STEP@DESKTOP``
 (DESKTOP is an fnmatch pattern, e.g. ``save@labctl-parent-*``) labctl sends itself
@@ -71,7 +73,7 @@ RUNNING, DONE, FAILED, RECOVERED = "running", "done", "failed", "recovered"
 
 @dataclass(frozen=True)
 class Artifacts:
-    """What an operation may create, by deterministic name: libvirt objects and files."""
+    """Deterministic names of the libvirt objects and files an operation may create."""
 
     domain: str = ""
     volumes: tuple[str, ...] = ()
@@ -211,8 +213,8 @@ def _operation(row: sqlite3.Row) -> Operation:
 def unfinished(inventory: str | None = None) -> list[Operation]:
     """Return the running operations of processes that no longer exist, newest first.
 
-    The caller holds the inventory's run lock, so no live labctl works on them. The pid
-    check also skips operations of this process and of another live labctl run.
+    The pid check skips operations of this process and of other live labctl runs, e.g.
+    a ``labctl gc`` of all inventories while an apply runs.
     """
     return [operation for operation in operations(inventory=inventory, state=RUNNING)
             if not alive(operation.pid)]

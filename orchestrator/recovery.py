@@ -4,9 +4,10 @@ A run killed midway leaves its journal operations "running" (see journal.py). Fo
 each of them, newest first, this module finds what the operation left by the names it
 recorded, and either adopts it or lists it as a leftover to remove:
 
-- a domain is adopted when its labctl record says "ready" or "failed" (a failed
-  desktop keeps its identity until the next apply re-creates it), and removed when
-  the record says "provisioning" or a parent VM is not usable and no child uses it.
+- a domain is adopted when its labctl record is "ready" or "failed" (a failed
+  desktop keeps its identity until the next apply re-creates it). It is removed when
+  its record is "provisioning", or when it is a parent VM that is not usable and that
+  no child uses.
   A domain without labctl metadata of the operation's inventory is never touched.
 - a volume or file is removed unless its operation's domain was adopted or another
   domain or volume uses it.
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 import libvirt
 
 from orchestrator import journal
-from orchestrator.errors import LabctlError
+from orchestrator.errors import HostError, LabctlError
 from orchestrator.hosts.context import HostContext, HostSettings, open_host
 from orchestrator.instant import parent
 from orchestrator.state import metadata
@@ -77,7 +78,7 @@ class Hosts:
 
 @dataclass
 class Sweep:
-    """What one recovery has decided so far, so later operations see it (dry runs too)."""
+    """Decisions of one recovery so far, which later operations take into account."""
 
     hosts: Hosts
     # Artifact names a live labctl run may be creating: never leftovers.
@@ -86,6 +87,8 @@ class Sweep:
     operations: list[journal.Operation] = field(default_factory=list)
     leftovers: list[Leftover] = field(default_factory=list)
     removed_domains: set[tuple[str, str]] = field(default_factory=set)
+    # Operations whose host could not be reached: they stay "running".
+    unreachable: set[int] = field(default_factory=set)
     adopted_domains: set[tuple[str, str]] = field(default_factory=set)
 
     def add(self, leftover: Leftover) -> None:
@@ -108,7 +111,14 @@ def register(kind: str, finder: Finder) -> None:
 def find_leftovers(sweep: Sweep, operations: list[journal.Operation]) -> None:
     """Add the leftovers of ``operations`` (newest first, so inner operations come first)."""
     for operation in operations:
-        ctx = sweep.hosts.get(operation.uri, operation.storage_pool)
+        try:
+            ctx = sweep.hosts.get(operation.uri, operation.storage_pool)
+        except HostError as exc:
+            # The operation stays "running", so a later run tries again.
+            log.warning("journal operation %d (%s of %s) not recovered: %s", operation.id,
+                        operation.kind, operation.desktop, exc)
+            sweep.unreachable.add(operation.id)
+            continue
         _FINDERS.get(operation.kind, find_desktop_leftovers)(sweep, ctx, operation)
 
 
@@ -146,7 +156,7 @@ def perform(sweep: Sweep, on_event) -> list[str]:
         on_event(leftover.name, "recover", f"{leftover.action} {leftover.kind}: "
                  f"{leftover.reason}")
     for operation in sweep.operations:
-        if operation.id not in failed:
+        if operation.id not in failed and operation.id not in sweep.unreachable:
             journal.finish(operation, journal.RECOVERED)
     return errors
 
@@ -183,7 +193,7 @@ def find_desktop_leftovers(sweep: Sweep, ctx: HostContext, operation: journal.Op
     if record is not None and record.inventory == operation.inventory:
         if record.state in KEPT_STATES:
             sweep.adopted_domains.add((ctx.settings.uri, name))
-            log.info("%s: adopted, its record says %s", name, record.state)
+            log.info("%s: adopted, its record state is %s", name, record.state)
             return
         _add_domain(sweep, ctx, operation, domain, f"left {record.state} by an interrupted run")
     add_files_and_volumes(sweep, ctx, operation)
@@ -209,9 +219,9 @@ def find_parent_leftovers(sweep: Sweep, ctx: HostContext, operation: journal.Ope
 
 
 def find_refresh_leftovers(sweep: Sweep, ctx: HostContext, operation: journal.Operation) -> None:
-    """An interrupted refresh: bring the old definition back if no domain has the name.
+    """Define the old domain of an interrupted refresh again if no domain has its name.
 
-    Its provisioning is a newer operation, already handled, so a domain that is left
+    The refresh's provisioning is a newer operation, already handled, so a domain that is left
     is either the old one (not removed yet) or the new one (ready).
     """
     from orchestrator.apply import define_failed  # apply imports recovery's users

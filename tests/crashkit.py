@@ -10,10 +10,12 @@ the FIFO directory; it derives parent names from the inventory, never from the j
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,8 @@ import yaml
 from conftest import TEST_POOL, TEST_POOL_PATH, URI, run_labctl
 
 from orchestrator import journal, plan
+from orchestrator.errors import HostError
+from orchestrator.hosts.connection import open_connection
 from orchestrator.instant import fork, parent
 from orchestrator.instant.child import FIFO_DIR
 from orchestrator.inventory import load_inventory
@@ -29,6 +33,13 @@ from orchestrator.state import metadata
 
 COMMAND_TIMEOUT = 900
 KILLED = -9  # subprocess's return code of a process that SIGKILL ended
+# Messages of a libvirtd restart, which other tests on the machine may cause: the command
+# is run again after RETRY_PAUSE seconds, at most RETRIES times, and the retries counted.
+RESTART_MESSAGES = ("cannot connect to libvirt", "Cannot recv data", "client socket is closed",
+                    "connection closed", "End of file while reading data", "Broken pipe")
+RETRIES = 5
+RETRY_PAUSE = 10.0
+T = TypeVar("T")
 
 DESKTOP_STEPS = ("check", "identity", "os-disk", "seed", "define", "start", "ready", "record")
 CHILD_STEPS = ("check", "parent", "identity", "os-disk", "seed", "clone", "cloneprep", "nic",
@@ -51,6 +62,8 @@ class Operation:
     command: str = "apply"
     # A parent build crashes in the parent VM, which each case builds anew.
     in_parent: bool = False
+    # A deletion crashes while apply removes the previous case's desktop.
+    in_previous: bool = False
 
 
 OPERATIONS = (
@@ -65,6 +78,8 @@ OPERATIONS = (
               ci_steps=("remove-old",), command="refresh"),
     Operation("refresh-fork", "instant", "fork", ("remove-old", *CHILD_STEPS, "provision"),
               ci_steps=("clone",), command="refresh"),
+    Operation("delete", "linked", steps=("undefine", "volumes"), ci_steps=("undefine",),
+              in_previous=True),
 )
 
 
@@ -83,6 +98,8 @@ class CaseResult:
     orphans: list[str]
     problems: list[str]
     seconds: float
+    # Commands run again after a libvirtd restart (not labctl's failure).
+    retries: int = 0
 
     @property
     def passed(self) -> bool:
@@ -96,8 +113,8 @@ class Lab:
     path: Path
     name: str
     prefix: str
-    conn: libvirt.virConnect
     parent_keys: set[str] = field(default_factory=set)
+    retries: int = 0
 
     def write(self, pools: dict) -> None:
         document = {
@@ -109,7 +126,45 @@ class Lab:
             "pools": pools,
         }
         self.path.write_text(yaml.safe_dump(document, sort_keys=False))
-        self.parent_keys |= inventory_parent_keys(self.path)
+        self.parent_keys |= retrying(lambda: inventory_parent_keys(self.path))
+
+    def labctl(self, *args: str, crash: str = "") -> subprocess.CompletedProcess:
+        """Run labctl on this lab, again after a libvirtd restart (counted in retries)."""
+        env = {journal.CRASH_VARIABLE: crash} if crash else {}
+        for _attempt in range(RETRIES):
+            result = run_labctl(*args, timeout=COMMAND_TIMEOUT, env=env)
+            if result.returncode in (0, KILLED) or not restarted(result):
+                return result
+            self.retries += 1
+            time.sleep(RETRY_PAUSE)
+        return result
+
+
+def restarted(result: subprocess.CompletedProcess) -> bool:
+    return any(message in result.stderr for message in RESTART_MESSAGES)
+
+
+@contextlib.contextmanager
+def connection() -> Iterator[libvirt.virConnect]:
+    """A new connection per check: a libvirtd restart closes older ones."""
+    conn = retrying(lambda: open_connection(URI))
+    try:
+        yield conn
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
+
+
+def retrying(work: Callable[[], T]) -> T:
+    """Return ``work()``, called again while libvirtd restarts (at most RETRIES times)."""
+    for _attempt in range(RETRIES - 1):
+        try:
+            return work()
+        except (HostError, libvirt.libvirtError) as exc:
+            if not any(message in str(exc) for message in RESTART_MESSAGES):
+                raise
+            time.sleep(RETRY_PAUSE)
+    return work()
 
 
 def pool_document(operation: Operation, names: list[str]) -> dict:
@@ -135,10 +190,19 @@ def inventory_parent_keys(path: Path) -> set[str]:
         made.close()
 
 
-def desktop_problems(conn: libvirt.virConnect, name: str,
+def desktop_problems(name: str,
                      identity: tuple[str, str] | None = None) -> list[str]:
     """Return why desktop ``name`` is not ready (and, with ``identity``, not the same UUID
     and MAC); an empty list when it is."""
+    def check() -> list[str]:
+        with connection() as conn:
+            return _desktop_problems(conn, name, identity)
+
+    return retrying(check)
+
+
+def _desktop_problems(conn: libvirt.virConnect, name: str,
+                      identity: tuple[str, str] | None) -> list[str]:
     try:
         domain = conn.lookupByName(name)
     except libvirt.libvirtError:
@@ -159,7 +223,14 @@ def desktop_problems(conn: libvirt.virConnect, name: str,
 
 def orphans(lab: Lab, desktops: list[str]) -> list[str]:
     """Return what the lab's names show on the host beyond ``desktops`` and usable parents."""
-    conn = lab.conn
+    def scan() -> list[str]:
+        with connection() as conn:
+            return _orphans(conn, lab, desktops)
+
+    return retrying(scan)
+
+
+def _orphans(conn: libvirt.virConnect, lab: Lab, desktops: list[str]) -> list[str]:
     keep_files: set[str] = set()
     for name in desktops:
         keep_files |= {f"labctl-{name}-os.qcow2", f"labctl-{name}-seed.iso"}
@@ -194,32 +265,32 @@ def _has_key(name: str, keys: set[str]) -> bool:
 
 
 def run_case(lab: Lab, operation: Operation, step: str, desktop: str,
-             before: Callable[[], tuple[str, str] | None]) -> CaseResult:
+             before: Callable[[], tuple[str, str] | None], crash_in: str = "") -> CaseResult:
     """Kill labctl after ``step``, apply again, and check convergence and orphans.
 
     ``before`` prepares the lab for the case and returns the identity a refresh must
-    keep (None for the other operations).
+    keep (None for the other operations). The crash hits ``crash_in`` (a parent VM's
+    pattern or the desktop being deleted) or else ``desktop``.
     """
     started = time.monotonic()
+    retries_before = lab.retries
     identity = before()
-    target = f"{step}@labctl-parent-*" if operation.in_parent else f"{step}@{desktop}"
+    target = f"{step}@{crash_in or desktop}"
     problems: list[str] = []
     if operation.command == "refresh":
-        crashed = run_labctl("refresh", str(lab.path), desktop, timeout=COMMAND_TIMEOUT,
-                             env={journal.CRASH_VARIABLE: target})
+        crashed = lab.labctl("refresh", str(lab.path), desktop, crash=target)
     else:
-        crashed = run_labctl("apply", str(lab.path), timeout=COMMAND_TIMEOUT,
-                             env={journal.CRASH_VARIABLE: target})
+        crashed = lab.labctl("apply", str(lab.path), crash=target)
     killed = crashed.returncode == KILLED
     if not killed:
         problems.append(f"labctl {operation.command} with {target} was not killed: "
                         f"exit {crashed.returncode}\n{crashed.stdout[-2000:]}"
                         f"\n{crashed.stderr[-2000:]}")
-    applied = run_labctl("apply", str(lab.path), timeout=COMMAND_TIMEOUT)
+    applied = lab.labctl("apply", str(lab.path))
     if applied.returncode != 0:
         problems.append(f"the apply after the crash failed: exit {applied.returncode}\n"
                         f"{applied.stdout[-2000:]}\n{applied.stderr[-2000:]}")
-    desktop_state = desktop_problems(lab.conn, desktop, identity)
+    desktop_state = desktop_problems(desktop, identity)
     return CaseResult(operation.name, step, killed, not desktop_state,
                       orphans(lab, [desktop]), problems + desktop_state,
-                      round(time.monotonic() - started, 1))
+                      round(time.monotonic() - started, 1), lab.retries - retries_before)

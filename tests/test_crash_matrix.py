@@ -18,9 +18,9 @@ import json
 import os
 
 import pytest
-from conftest import run_labctl, unique_name
+from conftest import unique_name
 from crashkit import (
-    COMMAND_TIMEOUT, OPERATIONS, CaseResult, Lab, Operation, desktop_problems, pool_document,
+    OPERATIONS, CaseResult, Lab, Operation, connection, desktop_problems, pool_document,
     run_case, selected_steps,
 )
 
@@ -30,12 +30,12 @@ pytestmark = pytest.mark.libvirt
 
 
 @pytest.fixture
-def lab(tmp_path, conn) -> Lab:
+def lab(tmp_path) -> Lab:
     name = unique_name("m")
-    lab = Lab(tmp_path / f"{name}.yaml", name, unique_name("z"), conn)
+    lab = Lab(tmp_path / f"{name}.yaml", name, unique_name("z"))
     yield lab
     if lab.path.exists():
-        destroyed = run_labctl("destroy", str(lab.path), timeout=COMMAND_TIMEOUT)
+        destroyed = lab.labctl("destroy", str(lab.path))
         assert destroyed.returncode == 0, f"labctl destroy failed: {destroyed.stderr}"
 
 
@@ -46,7 +46,21 @@ def _provisioning_case(lab: Lab, operation: Operation, index: int, step: str) ->
     def before() -> None:
         lab.write({pool: pool_document(operation, [desktop])})
 
-    return run_case(lab, operation, step, desktop, before)
+    crash_in = "labctl-parent-*" if operation.in_parent else ""
+    return run_case(lab, operation, step, desktop, before, crash_in)
+
+
+def _delete_case(lab: Lab, operation: Operation, index: int, step: str) -> CaseResult:
+    """Apply a desktop, then crash while the next apply deletes it for another one."""
+    old, new = f"{lab.prefix}{index}a", f"{lab.prefix}{index}b"
+
+    def before() -> None:
+        lab.write({"lab": pool_document(operation, [old])})
+        applied = lab.labctl("apply", str(lab.path))
+        assert applied.returncode == 0, f"setup apply failed: {applied.stderr}"
+        lab.write({"lab": pool_document(operation, [new])})
+
+    return run_case(lab, operation, step, new, before, crash_in=old)
 
 
 def _refresh_case(lab: Lab, operation: Operation, step: str) -> CaseResult:
@@ -55,12 +69,13 @@ def _refresh_case(lab: Lab, operation: Operation, step: str) -> CaseResult:
     def before() -> tuple[str, str]:
         if not lab.path.exists():
             lab.write({"lab": pool_document(operation, [desktop])})
-            applied = run_labctl("apply", str(lab.path), timeout=COMMAND_TIMEOUT)
+            applied = lab.labctl("apply", str(lab.path))
             assert applied.returncode == 0, f"setup apply failed: {applied.stderr}"
-        assert desktop_problems(lab.conn, desktop) == [], "the desktop to refresh is not ready"
-        domain = lab.conn.lookupByName(desktop)
-        record = metadata.read(domain)
-        return domain.UUIDString(), record.mac
+        assert desktop_problems(desktop) == [], "the desktop to refresh is not ready"
+        with connection() as conn:
+            domain = conn.lookupByName(desktop)
+            record = metadata.read(domain)
+            return domain.UUIDString(), record.mac
 
     return run_case(lab, operation, step, desktop, before)
 
@@ -78,6 +93,8 @@ def test_crash_after_each_step(operation: Operation, lab: Lab):
     for index, step in enumerate(selected_steps(operation), start=1):
         if operation.command == "refresh":
             result = _refresh_case(lab, operation, step)
+        elif operation.in_previous:
+            result = _delete_case(lab, operation, index, step)
         else:
             result = _provisioning_case(lab, operation, index, step)
         _report(result)
