@@ -1,9 +1,9 @@
 """The crash matrix's parts: operations, their steps, one crash run, and the orphan scan.
 
 A case kills labctl (LABCTL_CRASH_AFTER, SIGKILL) right after one step of one
-operation, then runs `labctl apply` and checks that the inventory converged and that
-nothing is left: no domain, volume, state file (save image), RAM file, FIFO or open
-journal operation other than those of the desktops and parent VMs the inventory has.
+operation, then runs `labctl apply` and checks that the inventory converged. Nothing
+else may be left: no domain, volume, state file (save image), RAM file, FIFO or open
+journal operation beyond those of the inventory's desktops and usable parent VMs.
 The orphan scan reads libvirt, the storage pool's directory, the RAM directory and
 the FIFO directory; it derives parent names from the inventory, never from the journal.
 """
@@ -33,8 +33,8 @@ from orchestrator.state import metadata
 
 COMMAND_TIMEOUT = 900
 KILLED = -9  # subprocess's return code of a process that SIGKILL ended
-# Messages of a libvirtd restart, which other tests on the machine may cause: the command
-# is run again after RETRY_PAUSE seconds, at most RETRIES times, and the retries counted.
+# Messages of a libvirtd restart, which other tests on the machine may cause. The command
+# then runs again after RETRY_PAUSE seconds, at most RETRIES times, and counts a retry.
 RESTART_MESSAGES = ("cannot connect to libvirt", "Cannot recv data", "client socket is closed",
                     "connection closed", "End of file while reading data", "Broken pipe")
 RETRIES = 5
@@ -222,7 +222,7 @@ def _desktop_problems(conn: libvirt.virConnect, name: str,
 
 
 def orphans(lab: Lab, desktops: list[str]) -> list[str]:
-    """Return what the lab's names show on the host beyond ``desktops`` and usable parents."""
+    """Return the lab's objects on the host other than ``desktops`` and usable parents."""
     def scan() -> list[str]:
         with connection() as conn:
             return _orphans(conn, lab, desktops)

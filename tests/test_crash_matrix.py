@@ -7,9 +7,9 @@ with SIGKILL right after the step and checks that the next apply converges to th
 inventory (the desktop ready, a refreshed one with its old UUID and MAC) and leaves no
 orphan. scripts/crash-matrix runs every step and sums the results.
 
-Each operation has one inventory, rewritten per case: a new desktop name per case, so
-the previous case's desktop is deleted by the apply; parent builds also get a new pool
-name per case, which gives a new parent key and so a new parent VM.
+Each operation has one inventory, rewritten per case with a new desktop name, so the
+apply deletes the previous case's desktop. Parent builds also get a new pool name per
+case, which gives a new parent key and so a new parent VM.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """labctl gc: it removes what a killed run left and never a foreign domain or volume.
 
-The foreign objects have labctl-like names (a desktop name of the inventory, the
-labctl-NAME-os.qcow2 volume pattern, a parent VM's name) but no labctl metadata and
-no journal record, so gc has no proof that they are labctl's and must leave them.
+The foreign objects have labctl-like names: a desktop name of the inventory, the
+labctl-NAME-os.qcow2 volume pattern, a parent VM's name. They have no labctl metadata
+and no journal record, so gc has no proof that they are labctl's and must leave them.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def foreign(conn):
 
 
 def survivors(conn: libvirt.virConnect, foreign: dict) -> list[str]:
-    """Return the foreign objects that are missing (the empty list when all survived)."""
+    """Return the foreign objects that no longer exist."""
     missing = [f"domain {name}" for name in foreign["domains"] if not domain_exists(conn, name)]
     missing += [f"volume {name}" for name in foreign["volumes"]
                 if not os.path.exists(os.path.join(TEST_POOL_PATH, name))]
