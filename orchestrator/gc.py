@@ -1,10 +1,11 @@
 """labctl gc: find and remove what labctl can prove it left behind, and nothing else.
 
-Proof is one of: labctl's metadata in a domain (the desktop or parent namespace, with
-the inventory's name), a name labctl derives (volumes, state and RAM files, restore's
-FIFOs) that a journal operation of the inventory recorded before it ran, or a
-replica's completion marker. A domain without labctl metadata, or a volume that no
-journal operation named, is never listed, whatever its name.
+A proof is one of three things. The first is labctl's metadata in a domain, in the
+desktop or parent namespace, with the inventory's name. The second is a name labctl
+derives (volumes, state and RAM files, restore's FIFOs) that a journal operation of
+the inventory recorded before it ran. The third is a replica's completion marker. A
+domain without labctl metadata, or a volume that no journal operation named, is never
+listed, whatever its name.
 
 The leftovers are those of unfinished operations (see recovery.py), the artifacts
 of finished operations whose domain is gone (e.g. undefined by hand), parent VMs that
@@ -29,7 +30,8 @@ log = logging.getLogger(__name__)
 DESKTOP_KINDS = ("provision", "parent-build")
 
 
-def find(inventory: str, hosts: Hosts, extra_hosts: list[tuple[str, str]] = ()) -> Sweep:
+def find(inventory: str, hosts: Hosts,
+         extra_hosts: list[tuple[str, str]] | None = None) -> Sweep:
     """Return the inventory's leftovers; the caller holds the inventory's run lock.
 
     ``extra_hosts`` are (URI, storage pool) pairs to search besides the ones the
@@ -44,7 +46,7 @@ def find(inventory: str, hosts: Hosts, extra_hosts: list[tuple[str, str]] = ()) 
     for operation in recorded:
         if operation.id not in open_ids and operation.state != journal.RUNNING:
             _finished_leftovers(sweep, operation)
-    places = {(op.uri, op.storage_pool) for op in recorded} | set(extra_hosts)
+    places = {(op.uri, op.storage_pool) for op in recorded} | set(extra_hosts or ())
     for uri, storage_pool in sorted(places):
         ctx = hosts.get(uri, storage_pool)
         _parent_leftovers(sweep, ctx, inventory)
@@ -54,7 +56,7 @@ def find(inventory: str, hosts: Hosts, extra_hosts: list[tuple[str, str]] = ()) 
 
 
 def _finished_leftovers(sweep: Sweep, operation: journal.Operation) -> None:
-    """A finished operation's volumes and files are leftovers once its domain is gone."""
+    """Add a finished operation's volumes and files once its domain is gone."""
     if operation.kind not in DESKTOP_KINDS:
         return
     ctx = sweep.hosts.get(operation.uri, operation.storage_pool)

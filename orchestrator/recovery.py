@@ -301,8 +301,8 @@ def add_files_and_volumes(sweep: Sweep, ctx: HostContext,
 
 
 def _volume_exists(pool: libvirt.virStoragePool, name: str, path: str) -> bool:
-    # libvirt lists only volumes made through its API or seen by a refresh; state files
-    # are written by libvirt's save and by QEMU, so the directory is checked too.
+    # libvirt lists only the volumes made through its API or seen by a refresh. State
+    # files are written by libvirt's save and by QEMU, so the directory is checked too.
     return volumes.find_volume(pool, name) is not None or os.path.lexists(path)
 
 
