@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import libvirt
 
-from orchestrator import cancel
+from orchestrator import cancel, journal
 from orchestrator.errors import LabctlError
 from orchestrator.identity import keys
 from orchestrator.plan import Action, Plan
@@ -25,11 +25,10 @@ from orchestrator.provision.desktop import KeptIdentity, Provisioning
 from orchestrator.provision.request import DesktopRequest
 from orchestrator.provision.hardware import update_hardware
 from orchestrator.provision.remove import remove_desktop, remove_unused_bases
-from orchestrator.provision.steps import EventSink
+from orchestrator.provision.steps import EventSink, Step, run_steps
 from orchestrator.instant import parent
 from orchestrator.pools import claims, power
 from orchestrator.state import events, metadata
-from orchestrator.state.metadata import DesktopRecord
 
 log = logging.getLogger(__name__)
 
@@ -250,13 +249,14 @@ def refresh_free(ctx: HostContext, inventory: str, request: DesktopRequest,
 
 
 def recreate_desktop(ctx: HostContext, inventory: str, request: DesktopRequest,
-              access_key: keys.KeyPair, on_event: EventSink) -> dict[str, float]:
+                     access_key: keys.KeyPair, on_event: EventSink) -> dict[str, float]:
     """Remove a desktop and provision it again under the same name, UUID and MAC.
 
     An instant clone's parent is made ready first, so the old desktop keeps running
     while a new parent boots. If the new desktop fails or labctl is interrupted, the
     old definition comes back marked "failed": its identity is not lost, and the next
-    apply re-creates it.
+    apply re-creates it. The old definition is in the journal while no domain has it,
+    so a killed run's definition comes back at the next apply, refresh or gc.
     """
     try:
         domain = ctx.conn.lookupByName(request.name)
@@ -269,23 +269,28 @@ def recreate_desktop(ctx: HostContext, inventory: str, request: DesktopRequest,
         parent.ensure_parent(ctx, request, request.instant, access_key, on_event)
     kept = KeptIdentity.of(domain, record)
     definition = domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
-    remove_desktop(ctx, domain, inventory, on_event)
-    try:
-        return provision(ctx, request, access_key, on_event, kept=kept)
-    except BaseException:
-        _define_failed(ctx, definition, record)
-        raise
+    operation = journal.begin(
+        "refresh", inventory=inventory, desktop=request.name, host=request.host,
+        uri=ctx.settings.uri, storage_pool=request.storage_pool or ctx.settings.storage_pool,
+        artifacts=journal.Artifacts(domain=request.name), data={"definition": definition})
+    timings: dict[str, float] = {}
+    steps = [
+        Step("remove-old", lambda: remove_desktop(ctx, domain, inventory, on_event),
+             lambda: define_failed(ctx, definition)),
+        Step("provision", lambda: timings.update(
+            provision(ctx, request, access_key, on_event, kept=kept))),
+    ]
+    run_steps(request.name, steps, on_event, operation)
+    return timings
 
 
-def _define_failed(ctx: HostContext, definition: str, record: DesktopRecord) -> None:
+def define_failed(ctx: HostContext, definition: str) -> None:
     """Define a desktop's old domain again, shut off and recorded as failed."""
-    try:
-        domain = ctx.conn.defineXML(definition)
+    domain = ctx.conn.defineXML(definition)
+    record = metadata.read(domain)
+    if record is not None:
         record.state = "failed"
         metadata.write(domain, record)
-    except libvirt.libvirtError as exc:
-        log.error("%s: could not keep its identity after a failed re-creation: %s",
-                  ctx.settings.name, exc.get_error_message())
 
 
 def provision(ctx: HostContext, request: DesktopRequest, access_key: keys.KeyPair,

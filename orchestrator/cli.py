@@ -24,7 +24,7 @@ def _add_output(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from orchestrator.commands import (
-        apply_cmd, host_cmd, identity_cmd, image_cmd, inventory_cmd, maintenance_cmd,
+        apply_cmd, gc_cmd, host_cmd, identity_cmd, image_cmd, inventory_cmd, maintenance_cmd,
         session_cmd, ssh_cmd,
     )
 
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     maintenance_cmd.register(commands, _add_output)
     session_cmd.register(commands, _add_output)
     ssh_cmd.register(commands, _add_output)
+    gc_cmd.register(commands, _add_output)
     return parser
 
 

@@ -63,13 +63,14 @@ def debian_image():
 
 def run_labctl(*args: str, check: bool = False, timeout: float = 1800,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run the labctl CLI in a subprocess, as a user would, and return the completed process.
+    """Run the labctl CLI in a subprocess, as a user would; returns the completed process.
 
-    ``env`` replaces the environment, e.g. to add LABCTL_STATE_DIR.
+    ``env`` adds variables to this process's environment for the run.
     """
     result = subprocess.run(
         [sys.executable, "-m", "orchestrator", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env,
+        capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        env={**os.environ, **(env or {})},
     )
     if check and result.returncode != 0:
         raise AssertionError(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import libvirt
 
-from orchestrator import bench_instant, locks, output
+from orchestrator import bench_instant, locks, output, recovery
 from orchestrator import status as status_module
 from orchestrator.apply import apply_plan, refresh_desktops
 from orchestrator.bench import run_bench, summarize
@@ -130,6 +130,9 @@ def run_apply(args: argparse.Namespace) -> int:
 
 def _apply(args: argparse.Namespace, inventory) -> int:
     printer = output.EventPrinter(json_lines=args.output == "json")
+    # What a killed run of this inventory left goes first, so the plan sees the host
+    # as the interrupted run would have left it after a clean rollback.
+    recovery.recover_inventory(inventory.name, printer)
     plan = make_plan(inventory, build_images=True,
                      progress=lambda message: printer("image", "build", message))
     try:
@@ -250,6 +253,7 @@ def run_refresh(args: argparse.Namespace) -> int:
     inventory = load_inventory(args.inventory)
     with _inventory_lock(inventory, "refresh"):
         printer = output.EventPrinter(json_lines=args.output == "json")
+        recovery.recover_inventory(inventory.name, printer)
         plan = make_plan(inventory)
         try:
             result = refresh_desktops(plan, args.desktops, printer)
@@ -270,6 +274,7 @@ def _destroy(args: argparse.Namespace, inventory) -> int:
     printer = output.EventPrinter(json_lines=args.output == "json")
     hosts_used = sorted({pool.host for pool in inventory.pools.values()} | set(inventory.hosts))
     errors = []
+    recovery.recover_inventory(inventory.name, printer)
     for key in hosts_used:
         ctx = open_inventory_host(inventory, key)
         try:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import libvirt
 
-from orchestrator import paths
+from orchestrator import journal, paths
 from orchestrator.domain import DiskLayer, render_domain
 from orchestrator.errors import GuestError
 from orchestrator.guest import agent, ssh
@@ -58,6 +58,12 @@ class ChildProvisioning(Provisioning):
             Step("ready", self.wait_ready),
             Step("record", self.record_ready),
         ]
+
+    def artifacts(self) -> journal.Artifacts:
+        """Also restore's FIFO, named after the child with a random part."""
+        return journal.Artifacts(
+            domain=self.request.name, volumes=(self.os_volume(), self.seed_volume()),
+            file_patterns=(savefile.fifo_pattern(FIFO_DIR, self.request.name),))
 
     # -- steps ---------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 
 import libvirt
 
-from orchestrator import locks
+from orchestrator import journal, locks
 from orchestrator.domain import DiskLayer, render_domain
 from orchestrator.errors import GuestError
 from orchestrator.guest import agent
@@ -118,24 +118,36 @@ class ParentBuild(Provisioning):
     method: str = "restore"
     parent: ParentRecord | None = None
 
+    operation_kind = "parent-build"
+    started: float = 0.0
+
     def steps(self) -> list[Step]:
-        """Return a desktop's steps up to ready, then prepare, save and freeze (no record)."""
+        """Return a desktop's steps up to ready, then prepare, save, freeze and record."""
         desktop = [step for step in super().steps() if step.name != "record"]
         return desktop + [
             Step("prepare", self.prepare),
             Step("save", self.save, self.remove_state),
             Step("freeze", self.freeze),
+            Step("record", self.record_parent),
         ]
 
+    def artifacts(self) -> journal.Artifacts:
+        return journal.Artifacts(domain=self.request.name,
+                                 volumes=parent_volume_names(self.request.name),
+                                 files=(self.ram_file,) if self.method == "fork" else ())
+
     def run_parent(self) -> ParentRecord:
-        started = time.monotonic()
-        run_steps(self.request.name, self.steps(), self.on_event)
+        self.started = time.monotonic()
+        run_steps(self.request.name, self.steps(), self.on_event, self.begin_operation())
         assert self.parent is not None
-        self.parent.build_seconds = round(time.monotonic() - started, 1)
-        self.parent.state = "ready"
-        assert self.domain is not None
-        metadata.write(self.domain, self.parent, PARENT_NAMESPACE)
         return self.parent
+
+    def record_parent(self) -> None:
+        """Mark the parent ready in its domain's record: children may now use it."""
+        assert self.parent is not None and self.domain is not None
+        self.parent.build_seconds = round(time.monotonic() - self.started, 1)
+        self.parent.state = "ready"
+        metadata.write(self.domain, self.parent, PARENT_NAMESPACE)
 
     def backing_layers(self) -> tuple[DiskLayer, ...]:
         """Return the replica: the parent's disk is an overlay on it, like a linked clone's."""

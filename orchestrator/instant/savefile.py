@@ -418,6 +418,12 @@ def _check_name_free(conn: libvirt.virConnect, name: str, uuid: str) -> None:
                             where=name, fix="pick another name and UUID for the child")
 
 
+def fifo_pattern(workdir: str, name: str) -> str:
+    """Return the fnmatch pattern of the FIFOs that restoring child ``name`` creates."""
+    # Exactly the 8 hex digits of token_hex(4), so child "k1" never matches k1-2's FIFO.
+    return os.path.join(workdir, f".labctl-restore-{name}-{'[0-9a-f]' * 8}.fifo")
+
+
 def _make_fifo(workdir: str, name: str) -> str:
     path = os.path.join(workdir, f".labctl-restore-{name}-{secrets.token_hex(4)}.fifo")
     try:

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 
 import libvirt
 
+from orchestrator import journal
 from orchestrator.domain import (
     DirectBoot, Disk, DiskLayer, DomainSpec, Interface, UserNetwork, render_domain,
 )
@@ -91,7 +92,7 @@ class Provisioning:
 
     def run(self) -> DesktopRecord:
         started = time.monotonic()
-        run_steps(self.request.name, self.steps(), self.on_event)
+        run_steps(self.request.name, self.steps(), self.on_event, self.begin_operation())
         self.timings["total"] = time.monotonic() - started
         assert self.record is not None
         return self.record
@@ -100,6 +101,24 @@ class Provisioning:
     def storage(self) -> libvirt.virStoragePool:
         """The storage pool of this desktop's volumes (plan places it over pools.NAME.storage)."""
         return self.ctx.storage(self.request.storage_pool)
+
+    # The journal's name for this operation; a parent build has its own.
+    operation_kind = "provision"
+
+    def begin_operation(self) -> journal.Operation:
+        """Record this provisioning in the journal, with the artifacts it may create."""
+        request = self.request
+        return journal.begin(
+            self.operation_kind, inventory=request.inventory, desktop=request.name,
+            host=request.host, uri=self.ctx.settings.uri,
+            storage_pool=self.request.storage_pool or self.ctx.settings.storage_pool,
+            artifacts=self.artifacts(),
+            data={"clone": request.clone, "method": request.instant},
+        )
+
+    def artifacts(self) -> journal.Artifacts:
+        return journal.Artifacts(domain=self.request.name,
+                                 volumes=(self.os_volume(), self.seed_volume()))
 
     def os_volume(self) -> str:
         return os_volume_name(self.request.name)

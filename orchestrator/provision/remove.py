@@ -8,11 +8,11 @@ import os
 
 import libvirt
 
-from orchestrator import paths
+from orchestrator import journal, paths
 from orchestrator.errors import ConflictError, LabctlError
 from orchestrator.hosts.context import HostContext
 from orchestrator.provision.desktop import os_volume_name, seed_volume_name
-from orchestrator.provision.steps import EventSink
+from orchestrator.provision.steps import EventSink, Step, run_steps
 from orchestrator.state import metadata
 from orchestrator.storage import pool as volumes
 from orchestrator.instant import parent
@@ -36,6 +36,20 @@ def remove_desktop(ctx: HostContext, domain: libvirt.virDomain, inventory: str,
         raise ConflictError(f"domain {name} is not part of inventory {inventory} ({owner})",
                             where=ctx.settings.uri, fix="labctl removes only what it created")
     on_event(name, "remove", "start")
+    operation = journal.begin(
+        "remove", inventory=inventory, desktop=name, host=record.host, uri=ctx.settings.uri,
+        storage_pool=_storage_pool_of(ctx, record.disk),
+        artifacts=journal.Artifacts(domain=name,
+                                    volumes=(os_volume_name(name), seed_volume_name(name))))
+    steps = [
+        Step("undefine", lambda: _undefine(domain)),
+        Step("volumes", lambda: _delete_volumes(ctx, name, record)),
+    ]
+    run_steps(name, steps, on_event, operation)
+    on_event(name, "remove", "done")
+
+
+def _undefine(domain: libvirt.virDomain) -> None:
     if domain.isActive():
         with contextlib.suppress(libvirt.libvirtError):
             domain.destroy()
@@ -43,12 +57,23 @@ def remove_desktop(ctx: HostContext, domain: libvirt.virDomain, inventory: str,
         domain.managedSaveRemove(0)
     domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
                          | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+
+
+def _delete_volumes(ctx: HostContext, name: str, record: metadata.DesktopRecord) -> None:
     for volume_name, recorded in ((os_volume_name(name), record.disk),
                                   (seed_volume_name(name), record.seed)):
         _delete_own_volume(ctx.conn, volume_name, recorded)
     # The known_hosts file `labctl ssh` wrote for this desktop.
     (paths.state_dir() / "known_hosts" / f"{name}.known").unlink(missing_ok=True)
-    on_event(name, "remove", "done")
+
+
+def _storage_pool_of(ctx: HostContext, path: str) -> str:
+    """Return the storage pool of the volume at ``path``: the inventory may name another
+    pool now than when the desktop was made."""
+    try:
+        return ctx.conn.storageVolLookupByPath(path).storagePoolLookupByVolume().name()
+    except libvirt.libvirtError:
+        return ctx.settings.storage_pool
 
 
 def _delete_own_volume(conn: libvirt.virConnect, volume_name: str, recorded_path: str) -> None:

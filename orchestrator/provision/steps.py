@@ -2,6 +2,8 @@
 
 A failing step undoes the completed ones in reverse order, so a desktop is either
 made completely or leaves nothing behind. The error names the desktop and the step.
+With a journal operation, each step is recorded before it runs and when it ends, so a
+run killed midway can be cleaned up by the next one (see orchestrator/journal.py).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from orchestrator import cancel
+from orchestrator import cancel, journal
 from orchestrator.errors import LabctlError
 from orchestrator.hosts.connection import RECONNECT_FIX, connection_lost
 
@@ -44,32 +46,60 @@ class StepFailed(LabctlError):
 EventSink = Callable[[str, str, str], None]
 
 
-def run_steps(desktop: str, steps: list[Step], on_event: EventSink) -> None:
-    """Run ``steps`` in order; on failure undo the done ones and raise StepFailed."""
+def run_steps(desktop: str, steps: list[Step], on_event: EventSink,
+              operation: journal.Operation | None = None) -> None:
+    """Run ``steps`` in order; on failure undo the done ones and raise StepFailed.
+
+    With ``operation``, every step is journaled, and the operation ends "done" or
+    "failed" (after the undo). A run killed in between leaves it "running".
+    """
     done: list[Step] = []
     for step in steps:
         started = time.monotonic()
         on_event(desktop, step.name, "start")
+        _journal(operation, step.name, "started")
         try:
             cancel.check()
             step.do()
         except BaseException as exc:
             on_event(desktop, step.name, "failed")
-            _undo(desktop, done, on_event)
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            _journal(operation, step.name, "failed")
+            undone = _undo(desktop, done, on_event, operation)
+            # An operation whose undo failed stays "running": the next run, once this
+            # process has ended, removes what is left by name.
+            if operation is not None and undone:
+                journal.finish(operation, journal.FAILED)
+            # An inner sequence (a refresh's provisioning) already named its failed step.
+            if isinstance(exc, (KeyboardInterrupt, SystemExit, StepFailed)):
                 raise
             raise StepFailed(desktop, step.name, exc) from exc
         done.append(step)
+        _journal(operation, step.name, "done")
         on_event(desktop, step.name, f"done in {time.monotonic() - started:.2f} s")
+        journal.crash_if_requested(desktop, step.name)
+    if operation is not None:
+        journal.finish(operation, journal.DONE)
 
 
-def _undo(desktop: str, done: list[Step], on_event: EventSink) -> None:
+def _journal(operation: journal.Operation | None, step: str, state: str) -> None:
+    if operation is not None:
+        journal.record_step(operation, step, state)
+
+
+def _undo(desktop: str, done: list[Step], on_event: EventSink,
+          operation: journal.Operation | None) -> bool:
+    """Undo the done steps in reverse order; return whether every undo succeeded."""
+    complete = True
     for step in reversed(done):
         if step.undo is None:
             continue
         try:
             step.undo()
             on_event(desktop, step.name, "undone")
+            _journal(operation, step.name, "undone")
         except Exception as exc:  # keep undoing the rest; report what stayed behind
             log.error("%s: undoing step %s failed: %s", desktop, step.name, exc)
             on_event(desktop, step.name, f"undo failed: {exc}")
+            _journal(operation, step.name, "undo-failed")
+            complete = False
+    return complete

@@ -153,29 +153,52 @@ def replica_users(conn: libvirt.virConnect, pool: libvirt.virStoragePool,
     return users
 
 
-def remove_unused(pool: libvirt.virStoragePool) -> list[str]:
-    """Delete replicas no domain or volume uses any more; return the removed volume names."""
+def remove_unused(pool: libvirt.virStoragePool, only: str | None = None) -> list[str]:
+    """Delete replicas no domain or volume uses any more; return the removed volume names.
+
+    ``only`` limits it to one replica, by its base name (``labctl-replica-VERSION``).
+    """
     conn = pool.connect()
     removed = []
+    for base, marker in _markers(pool):
+        if only is not None and base != only:
+            continue
+        with replica_lock(pool, base[len(PREFIX):]):
+            removed += _remove_if_unused(pool, conn, base, marker)
+    return removed
+
+
+def unused(pool: libvirt.virStoragePool) -> list[str]:
+    """Return the base names of the complete replicas that no domain or volume uses."""
+    conn = pool.connect()
+    return [base for base, marker in _markers(pool) if not _users(pool, conn, base, marker)]
+
+
+def _markers(pool: libvirt.virStoragePool) -> list[tuple[str, str]]:
     with volumes.pool_lock(pool):
         volumes.refresh(pool)
         markers = [v.name() for v in pool.listAllVolumes(0)
                    if v.name().startswith(PREFIX) and v.name().endswith(".complete")]
-    for marker in markers:
-        base = marker[: -len(".complete")]
-        with replica_lock(pool, base[len(PREFIX):]):
-            removed += _remove_if_unused(pool, conn, base, marker)
-    return removed
+    return [(marker[: -len(".complete")], marker) for marker in markers]
+
+
+def _members(pool: libvirt.virStoragePool, base: str, marker: str) -> list:
+    return [v for v in pool.listAllVolumes(0)
+            if v.name().startswith(base + ".") and v.name() != marker]
+
+
+def _users(pool: libvirt.virStoragePool, conn: libvirt.virConnect, base: str,
+           marker: str) -> list[str]:
+    return [user for volume in _members(pool, base, marker)
+            for user in replica_users(conn, pool, volume.path())]
 
 
 def _remove_if_unused(pool: libvirt.virStoragePool, conn: libvirt.virConnect, base: str,
                       marker: str) -> list[str]:
     if volumes.find_volume(pool, marker) is None:
         return []
-    members = [v for v in pool.listAllVolumes(0)
-               if v.name().startswith(base + ".") and v.name() != marker]
-    users = [user for volume in members for user in replica_users(conn, pool, volume.path())]
-    if users:
+    members = _members(pool, base, marker)
+    if _users(pool, conn, base, marker):
         return []
     # The marker goes first, so an interruption leaves an incomplete replica, which
     # the next upload replaces, never a marker without its disk.
