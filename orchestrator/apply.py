@@ -27,6 +27,7 @@ from orchestrator.provision.steps import EventSink
 from orchestrator.instant import parent
 from orchestrator.state import metadata
 from orchestrator.state.metadata import DesktopRecord
+from orchestrator.state.recorder import EventRecorder
 from orchestrator.storage import replica
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,9 @@ class ApplyResult:
 
 def apply_plan(plan: Plan, on_event: EventSink, *, replace: bool = False) -> ApplyResult:
     result = ApplyResult()
+    recorder = EventRecorder(plan.inventory.name, on_event,
+                             {a.desktop: (a.pool, a.kind) for a in plan.actions})
+    on_event = recorder
     access_key = keys.access_key(plan.inventory.name, create=not _has_desktops(plan))
     for ctx in plan.hosts.values():
         if ctx.settings.ksm is not None:
@@ -51,7 +55,8 @@ def apply_plan(plan: Plan, on_event: EventSink, *, replace: bool = False) -> App
             on_event(ctx.settings.name, "ksm",
                      f"kernel same-page merging {'on' if ctx.settings.ksm else 'off'}")
     for action in plan.of_kind("delete"):
-        _run(result, action, lambda a=action: _delete(plan, a, on_event), result.deleted)
+        _run(result, action, lambda a=action: _delete(plan, a, on_event), result.deleted,
+             recorder)
     work = plan.of_kind("create", "update", "replace", "start")
     if replace:
         work += plan.of_kind("outdated")
@@ -62,7 +67,7 @@ def apply_plan(plan: Plan, on_event: EventSink, *, replace: bool = False) -> App
         futures = {executor.submit(_converge, plan, action, access_key, on_event): action
                    for action in work}
         try:
-            _collect(futures, result)
+            _collect(futures, result, recorder)
         except KeyboardInterrupt:
             # Workers stop at their next wait or step and undo their desktop; leaving
             # the with block waits for them, so nothing half-made stays behind.
@@ -72,25 +77,32 @@ def apply_plan(plan: Plan, on_event: EventSink, *, replace: bool = False) -> App
         keep = {parent.parent_key(a.request, a.request.instant, ctx.domain_type)
                 for a in plan.actions
                 if a.host == key and a.request is not None and a.request.clone == "instant"}
-        parent.remove_unused_parents(ctx, plan.inventory.name, keep, on_event)
+        _remove_unused(ctx, plan.inventory.name, keep, on_event)
+    return result
+
+
+def _remove_unused(ctx: HostContext, inventory: str, keep: set[str],
+                   on_event: EventSink) -> None:
+    """Remove parent VMs and replicas nothing uses any more, as host maintenance."""
+    with ctx.maintenance:
+        parent.remove_unused_parents(ctx, inventory, keep, on_event)
         pool = ctx.existing_pool()
         if pool is not None:
             replica.remove_unused(pool)
-    return result
 
 
 def _has_desktops(plan: Plan) -> bool:
     return any(action.record is not None for action in plan.actions)
 
 
-def _collect(futures: dict, result: ApplyResult) -> None:
+def _collect(futures: dict, result: ApplyResult, recorder: EventRecorder) -> None:
     for future in as_completed(futures):
         action = futures[future]
         try:
             timings = future.result()
         except LabctlError as exc:
             result.failed[action.desktop] = exc
-            log.info("%s failed: %s", action.desktop, exc)
+            recorder.failed(action.desktop, exc)
             continue
         target = result.updated if action.kind == "update" else result.created
         target.append(action.desktop)
@@ -98,12 +110,13 @@ def _collect(futures: dict, result: ApplyResult) -> None:
             result.timings[action.desktop] = timings
 
 
-def _run(result: ApplyResult, action: Action, work, done: list[str]) -> None:
+def _run(result: ApplyResult, action: Action, work, done: list[str],
+         recorder: EventRecorder) -> None:
     try:
         work()
     except LabctlError as exc:
         result.failed[action.desktop] = exc
-        log.info("%s failed: %s", action.desktop, exc)
+        recorder.failed(action.desktop, exc)
         return
     done.append(action.desktop)
 
@@ -113,14 +126,17 @@ def _delete(plan: Plan, action: Action, on_event: EventSink) -> None:
     remove_desktop(ctx, ctx.conn.lookupByName(action.desktop), plan.inventory.name, on_event)
 
 
-def _start(ctx, name: str, on_event: EventSink) -> None:
-    on_event(name, "start", "start")
-    try:
-        ctx.conn.lookupByName(name).create()
-    except libvirt.libvirtError as exc:
-        raise LabctlError(f"starting the desktop failed: {exc.get_error_message()}",
-                          where=name) from exc
-    on_event(name, "start", "done")
+def _start(ctx: HostContext, name: str, on_event: EventSink) -> None:
+    """Start a shut-off desktop under the host's power throttle (limits.power)."""
+    with ctx.power:
+        on_event(name, "start", "start")
+        try:
+            ctx.conn.lookupByName(name).create()
+        except libvirt.libvirtError as exc:
+            on_event(name, "start", "failed")
+            raise LabctlError(f"starting the desktop failed: {exc.get_error_message()}",
+                              where=name) from exc
+        on_event(name, "start", "done")
 
 
 def _converge(plan: Plan, action: Action, access_key: keys.KeyPair,
@@ -145,22 +161,29 @@ def recreate_desktop(ctx: HostContext, inventory: str, request: DesktopRequest,
     An instant clone's parent is made ready first, so the old desktop keeps running
     while a new parent boots. If the new desktop fails or labctl is interrupted, the
     old definition comes back marked "failed": its identity is not lost, and the next
-    apply re-creates it.
+    apply re-creates it. The whole re-creation takes one slot of the host's
+    provisioning throttle.
     """
+    with ctx.provisioning:
+        return _recreate(ctx, inventory, request, access_key, on_event)
+
+
+def _recreate(ctx: HostContext, inventory: str, request: DesktopRequest,
+              access_key: keys.KeyPair, on_event: EventSink) -> dict[str, float]:
     try:
         domain = ctx.conn.lookupByName(request.name)
     except libvirt.libvirtError:
-        return provision(ctx, request, access_key, on_event)
+        return _provision(ctx, request, access_key, on_event)
     record = metadata.read(domain)
     if record is None:
-        return provision(ctx, request, access_key, on_event)  # check_name will refuse it
+        return _provision(ctx, request, access_key, on_event)  # check_name will refuse it
     if request.clone == "instant":
         parent.ensure_parent(ctx, request, request.instant, access_key, on_event)
     kept = KeptIdentity.of(domain, record)
     definition = domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
     remove_desktop(ctx, domain, inventory, on_event)
     try:
-        return provision(ctx, request, access_key, on_event, kept=kept)
+        return _provision(ctx, request, access_key, on_event, kept=kept)
     except BaseException:
         _define_failed(ctx, definition, record)
         raise
@@ -181,12 +204,18 @@ def provision(ctx: HostContext, request: DesktopRequest, access_key: keys.KeyPai
               on_event: EventSink, kept: KeptIdentity | None = None) -> dict[str, float]:
     """Provision one desktop of any clone method under the host's provisioning throttle."""
     with ctx.provisioning:
-        if request.clone == "instant":
-            job: Provisioning = ChildProvisioning(ctx, request, access_key, on_event, kept=kept,
-                                                  method=request.instant)
-        else:
-            job = Provisioning(ctx, request, access_key, on_event, kept=kept)
-        job.run()
+        return _provision(ctx, request, access_key, on_event, kept=kept)
+
+
+def _provision(ctx: HostContext, request: DesktopRequest, access_key: keys.KeyPair,
+               on_event: EventSink, kept: KeptIdentity | None = None) -> dict[str, float]:
+    """Provision one desktop; the caller holds a slot of ctx.provisioning."""
+    if request.clone == "instant":
+        job: Provisioning = ChildProvisioning(ctx, request, access_key, on_event, kept=kept,
+                                              method=request.instant)
+    else:
+        job = Provisioning(ctx, request, access_key, on_event, kept=kept)
+    job.run()
     return job.timings
 
 
@@ -210,9 +239,11 @@ def refresh_desktops(plan: Plan, names: list[str], on_event: EventSink) -> Apply
             found.append(action)
     if found:
         access_key = keys.access_key(plan.inventory.name, create=False)
+    recorder = EventRecorder(plan.inventory.name, on_event,
+                             {a.desktop: (a.pool, "refresh") for a in found})
     for action in found:
-        _run(result, action, lambda a=action: _refresh(plan, a, access_key, on_event),
-             result.updated)
+        _run(result, action, lambda a=action: _refresh(plan, a, access_key, recorder),
+             result.updated, recorder)
     return result
 
 
@@ -220,4 +251,4 @@ def _refresh(plan: Plan, action: Action, access_key: keys.KeyPair,
              on_event: EventSink) -> None:
     assert action.request is not None
     recreate_desktop(plan.hosts[action.host], plan.inventory.name, action.request, access_key,
-              on_event)
+                     on_event)

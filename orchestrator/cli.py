@@ -20,7 +20,8 @@ def _add_output(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from orchestrator.commands import (
-        apply_cmd, host_cmd, identity_cmd, image_cmd, inventory_cmd, ssh_cmd,
+        apply_cmd, events_cmd, host_cmd, identity_cmd, image_cmd, inventory_cmd, run_cmd,
+        ssh_cmd,
     )
 
     parser = argparse.ArgumentParser(
@@ -38,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     inventory_cmd.register(commands, _add_output)
     apply_cmd.register(commands, _add_output)
     apply_cmd.register_bench(commands, _add_output)
+    run_cmd.register(commands, _add_output)
+    events_cmd.register(commands, _add_output)
     ssh_cmd.register(commands, _add_output)
     return parser
 

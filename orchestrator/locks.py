@@ -37,11 +37,14 @@ def named_lock(name: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def exclusive_run(name: str, what: str) -> Iterator[None]:
+def exclusive_run(name: str, what: str, *,
+                  fix: str = "wait for it to finish, or stop it with Ctrl-C so it rolls back",
+                  ) -> Iterator[None]:
     """Hold the lock ``name`` for a whole command, or raise ConflictError if it is taken.
 
     ``what`` describes the lock's purpose for the error message, e.g. "apply of
-    inventory demo". The holder's pid is written into the lock file for that message.
+    inventory demo", and ``fix`` the operator's next step. The holder's pid is written
+    into the lock file for that message.
     """
     directory = paths.ensure_private_dir(paths.state_dir() / "locks")
     digest = hashlib.sha256(name.encode()).hexdigest()[:24]
@@ -52,8 +55,7 @@ def exclusive_run(name: str, what: str) -> Iterator[None]:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             raise ConflictError(
-                f"another labctl {what} is running (pid {holder})",
-                fix="wait for it to finish, or stop it with Ctrl-C so it rolls back",
+                f"another labctl {what} is running (pid {holder})", fix=fix,
             ) from exc
         handle.seek(0)
         handle.truncate()

@@ -81,9 +81,10 @@ def destroy_inventory(ctx: HostContext, inventory: str, on_event: EventSink) -> 
             remove_desktop(ctx, domain, inventory, on_event)
         except LabctlError as exc:
             errors.append(exc)
-    parent.remove_unused_parents(ctx, inventory, set(), on_event)
-    pool = ctx.existing_pool()
-    if pool is not None:
-        for volume in replica.remove_unused(pool):
-            on_event(volume, "remove", "unused replica removed")
+    with ctx.maintenance:
+        parent.remove_unused_parents(ctx, inventory, set(), on_event)
+        pool = ctx.existing_pool()
+        if pool is not None:
+            for volume in replica.remove_unused(pool):
+                on_event(volume, "remove", "unused replica removed")
     return errors
