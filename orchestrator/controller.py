@@ -199,12 +199,13 @@ class Controller:
         """Run passes until SIGTERM or SIGINT (or one pass with ``once``); return the exit code."""
         name = self.inventory.name
         with controller_lock(self.inventory), self.stop.installed():
-            log.info("controller of inventory %s started (pid %s, a pass every %.0f s)",
-                     name, os.getpid(), self.interval)
-            events.record(name, "controller", f"started, a pass every {self.interval:.0f} s")
+            schedule = "one pass" if once else f"a pass every {self.interval:g} s"
+            log.info("controller of inventory %s started (pid %s, %s)", name, os.getpid(),
+                     schedule)
+            events.record(name, "controller", f"started ({schedule})")
             report = self._loop(once)
-            events.record(name, "controller", "stopped")
-            log.info("controller of inventory %s stopped after %d passes", name, self.passes)
+            events.record(name, "controller", f"stopped (passes run: {self.passes})")
+            log.info("controller of inventory %s stopped (passes run: %d)", name, self.passes)
         if once and not report.ok:
             return 1
         return 0

@@ -365,7 +365,8 @@ def test_run_keeps_pool_at_policy(conn, tiny_image, controller_lab):
     assert_no_leftovers(conn, name, prefix, {first, second})
     history = run_labctl("events", str(path), "-o", "json", "--limit", "200", check=True)
     kinds = {(event["kind"], event["desktop"]) for event in json.loads(history.stdout)}
-    assert ("created", first) in kinds and ("created", second) in kinds, kinds
+    assert ("created", first) in kinds, kinds
+    assert ("created", second) in kinds, kinds
     assert ("resumed", "") in kinds, f"clearing the pool must be recorded: {kinds}"
 
 
