@@ -66,18 +66,21 @@ class PassReport:
     result: ApplyResult | None = None
     held: dict[str, str] = field(default_factory=dict)
     stopped_pools: list[str] = field(default_factory=list)
+    skipped: str = ""  # why the pass did not run, e.g. an apply of the inventory was running
     error: str = ""
 
     @property
     def ok(self) -> bool:
-        return not self.error and (self.result is None or not self.result.failed)
+        failed = self.result is not None and self.result.failed
+        return not (self.error or self.skipped or failed)
 
     def to_json(self) -> dict:
         result = self.result or ApplyResult()
         return {"event": "pass", "pass": self.number, "created": result.created,
                 "updated": result.updated, "deleted": result.deleted,
                 "failed": {name: str(error) for name, error in result.failed.items()},
-                "held": self.held, "stopped_pools": self.stopped_pools, "error": self.error}
+                "held": self.held, "stopped_pools": self.stopped_pools,
+                "skipped": self.skipped, "error": self.error}
 
 
 class InventorySource:
@@ -206,7 +209,7 @@ class Controller:
             report = self._loop(once)
             events.record(name, "controller", f"stopped (passes run: {self.passes})")
             log.info("controller of inventory %s stopped (passes run: %d)", name, self.passes)
-        if once and not report.ok:
+        if once and not report.ok and not self.stop.requested:
             return 1
         return 0
 
@@ -227,8 +230,9 @@ class Controller:
                 try:
                     stack.enter_context(inventory_lock(inventory))
                 except ConflictError as exc:
-                    report.error = f"pass skipped: {exc}"
-                    log.info("inventory %s: %s", inventory.name, report.error)
+                    report.skipped = str(exc)
+                    log.info("inventory %s: pass %d skipped: %s", inventory.name,
+                             report.number, exc)
                     return report
                 self._converge(inventory, report)
         except (LabctlError, libvirt.libvirtError) as exc:

@@ -29,8 +29,8 @@ from orchestrator import cli
 from orchestrator.apply import ApplyResult
 from orchestrator.backoff import Backoff
 from orchestrator.cancel import Cancelled
-from orchestrator.controller import Controller, InventorySource, hold_actions
-from orchestrator.errors import LabctlError
+from orchestrator.controller import Controller, InventorySource, hold_actions, inventory_lock
+from orchestrator.errors import HostError, LabctlError
 from orchestrator.plan import Action, Plan
 from orchestrator.provision.steps import StepFailed
 from orchestrator.state import events, metadata
@@ -51,10 +51,10 @@ def private_state(tmp_path, monkeypatch):
     monkeypatch.setenv("LABCTL_DATA_DIR", str(tmp_path / "data"))
 
 
-def write_inventory(path: Path, pools: dict, name: str = "ctl") -> Path:
+def write_inventory(path: Path, pools: dict, name: str = "ctl", uri: str = URI) -> Path:
     document = {
         "name": name,
-        "hosts": {"local": {"uri": URI}},
+        "hosts": {"local": {"uri": uri}},
         "images": {"tiny": {"build": "tiny"}},
         "pools": pools,
     }
@@ -161,6 +161,34 @@ def test_renamed_inventory_is_not_followed(tmp_path):
     source = InventorySource(path)
     write_inventory(path, {"lab": tiny_pool("v", 3)}, name="other")
     assert source.reload().name == "ctl"
+
+
+def test_unreachable_host_logged_once(tmp_path, private_state, caplog):
+    socket = tmp_path / "no-libvirtd.sock"
+    path = write_inventory(tmp_path / "ctl.yaml", {"lab": tiny_pool("v", 1)},
+                           uri=f"qemu+unix:///system?socket={socket}")
+    controller = Controller(path, lambda *event: None, lambda report: None)
+    with caplog.at_level("ERROR", logger="orchestrator.controller"):
+        first = controller.run_pass()
+        second = controller.run_pass()
+    assert "cannot connect to libvirt" in first.error
+    assert second.error == first.error
+    errors = [record.getMessage() for record in caplog.records]
+    assert len(errors) == 1, f"a lasting error must be logged once: {errors}"
+    assert "retrying at the next pass" in errors[0]
+    with pytest.raises(HostError):
+        controller.run_pass(raise_errors=True)
+
+
+def test_busy_inventory_skips_pass(tmp_path, private_state):
+    path = write_inventory(tmp_path / "ctl.yaml", {"lab": tiny_pool("v", 1)})
+    controller = Controller(path, lambda *event: None, lambda report: None)
+    with inventory_lock(controller.inventory):
+        report = controller.run_pass()
+    assert report.result is None, "a pass must not plan while an apply holds the lock"
+    assert f"another labctl run on inventory ctl is running (pid {os.getpid()})" \
+        in report.skipped
+    assert not report.ok
 
 
 def test_recorder_records_lifecycle(private_state):

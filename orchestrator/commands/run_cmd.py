@@ -54,6 +54,9 @@ def _print_report(report: PassReport, json_lines: bool) -> None:
     data = report.to_json()
     counts = ", ".join(f"{len(data[key])} {key}" for key in ("created", "updated", "deleted",
                                                                "failed", "held"))
+    if report.skipped:
+        print(f"pass {report.number} skipped: {report.skipped}", flush=True)
+        return
     print(f"pass {report.number}: {counts}", flush=True)
     for pool in report.stopped_pools:
         print(f"  pool {pool} is stopped on error; labctl clear resumes it", flush=True)
