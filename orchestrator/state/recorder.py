@@ -9,6 +9,8 @@ started, updated, deleted, failed and interrupted.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 from orchestrator.cancel import Cancelled
 from orchestrator.errors import LabctlError
@@ -42,9 +44,13 @@ class EventRecorder:
         self.inventory = inventory
         self.sink = sink
         self.actions = dict(actions)
+        self._started: dict[str, float] = {}  # desktop -> monotonic time of its first event
+        self._lock = threading.Lock()  # apply's worker threads share one recorder
 
     def __call__(self, desktop: str, step: str, status: str) -> None:
         self.sink(desktop, step, status)
+        with self._lock:
+            started = self._started.setdefault(desktop, time.monotonic())
         pool, action = self.actions.get(desktop, ("", ""))
         if pool:
             log.info("pool %s, desktop %s: %s %s", pool, desktop, step, status)
@@ -55,7 +61,9 @@ class EventRecorder:
             return
         end_step, end_status, kind = ending
         if step == end_step and status.startswith(end_status):
-            events.record(self.inventory, kind, f"{step} {status}", pool=pool, desktop=desktop)
+            elapsed = time.monotonic() - started
+            events.record(self.inventory, kind, f"{action} finished in {elapsed:.1f} s",
+                          pool=pool, desktop=desktop)
 
     def failed(self, desktop: str, error: LabctlError) -> None:
         """Record that the action on ``desktop`` failed (or was interrupted) with ``error``."""
