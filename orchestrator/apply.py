@@ -209,7 +209,7 @@ def provision(ctx: HostContext, request: DesktopRequest, access_key: keys.KeyPai
 
 def _provision(ctx: HostContext, request: DesktopRequest, access_key: keys.KeyPair,
                on_event: EventSink, kept: KeptIdentity | None = None) -> dict[str, float]:
-    """Provision one desktop; the caller holds a slot of ctx.provisioning."""
+    """Provision one desktop; the caller must have acquired a slot of ctx.provisioning."""
     if request.clone == "instant":
         job: Provisioning = ChildProvisioning(ctx, request, access_key, on_event, kept=kept,
                                               method=request.instant)
