@@ -12,14 +12,17 @@ import socket
 import uuid
 import xml.etree.ElementTree as ET
 from dataclasses import replace
+from types import SimpleNamespace
 
 import libvirt
 import pytest
 
 from orchestrator.domain import Disk, DomainSpec, Interface, UserNetwork, render_domain
 from orchestrator.hosts.connection import open_connection
+from orchestrator.hosts.context import HostSettings
 from orchestrator.identity import allocate
 from orchestrator.identity.allocate import HostAllocator, used_forward_ports, used_macs
+from orchestrator.provision.remove import remove_desktop
 from orchestrator.state import metadata
 from orchestrator.state.metadata import DesktopRecord
 
@@ -275,3 +278,23 @@ def test_allocator_skips_arg_port():
     stub = qemu_arg_conn(port)
     allocator = HostAllocator(stub, port_range=(port, port + 50))  # type: ignore[arg-type]
     assert allocator.ssh_port() not in (port, port + 1)
+
+
+# --- removal --------------------------------------------------------------------------------
+
+
+def test_remove_transient_desktop(conn):
+    """A transient desktop (an instant clone killed before its persist step) is removed
+    without an error: destroying it already makes it vanish."""
+    name = unique("tr")
+    meta = record(inventory="demo", disk="", seed="")
+    domain = conn.createXML(render_domain(spec(name, meta=meta)), 0)
+    ctx = SimpleNamespace(settings=HostSettings(uri=URI), conn=conn)
+    seen: list[tuple[str, str, str]] = []
+    try:
+        remove_desktop(ctx, domain, "demo", lambda *event: seen.append(event))
+    finally:
+        if name in {d.name() for d in conn.listAllDomains(0)}:
+            conn.lookupByName(name).destroy()
+    assert name not in {d.name() for d in conn.listAllDomains(0)}
+    assert seen[-1] == (name, "remove", "done"), seen

@@ -36,13 +36,17 @@ def remove_desktop(ctx: HostContext, domain: libvirt.virDomain, inventory: str,
         raise ConflictError(f"domain {name} is not part of inventory {inventory} ({owner})",
                             where=ctx.settings.uri, fix="labctl removes only what it created")
     on_event(name, "remove", "start")
+    # An instant clone is transient until its persist step, so a run killed before that
+    # step leaves a domain that vanishes when it is destroyed and has nothing to undefine.
+    persistent = domain.isPersistent()
     if domain.isActive():
         with contextlib.suppress(libvirt.libvirtError):
             domain.destroy()
-    with contextlib.suppress(libvirt.libvirtError):
-        domain.managedSaveRemove(0)
-    domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
-                         | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+    if persistent:
+        with contextlib.suppress(libvirt.libvirtError):
+            domain.managedSaveRemove(0)
+        domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+                             | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
     for volume_name, recorded in ((os_volume_name(name), record.disk),
                                   (seed_volume_name(name), record.seed)):
         _delete_own_volume(ctx.conn, volume_name, recorded)
