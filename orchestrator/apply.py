@@ -123,7 +123,13 @@ def _run(result: ApplyResult, action: Action, work, done: list[str],
 
 def _delete(plan: Plan, action: Action, on_event: EventSink) -> None:
     ctx = plan.hosts[action.host]
-    remove_desktop(ctx, ctx.conn.lookupByName(action.desktop), plan.inventory.name, on_event)
+    try:
+        domain = ctx.conn.lookupByName(action.desktop)
+    except libvirt.libvirtError:
+        # Removed by someone else since the plan was made: the deletion is done.
+        log.info("%s: already gone, nothing to delete", action.desktop)
+        return
+    remove_desktop(ctx, domain, plan.inventory.name, on_event)
 
 
 def _start(ctx: HostContext, name: str, on_event: EventSink) -> None:

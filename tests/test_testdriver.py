@@ -17,11 +17,13 @@ from types import SimpleNamespace
 import libvirt
 import pytest
 
+from orchestrator import apply
 from orchestrator.domain import Disk, DomainSpec, Interface, UserNetwork, render_domain
 from orchestrator.hosts.connection import open_connection
 from orchestrator.hosts.context import HostSettings
 from orchestrator.identity import allocate
 from orchestrator.identity.allocate import HostAllocator, used_forward_ports, used_macs
+from orchestrator.plan import Action
 from orchestrator.provision.remove import remove_desktop
 from orchestrator.state import metadata
 from orchestrator.state.metadata import DesktopRecord
@@ -298,3 +300,14 @@ def test_remove_transient_desktop(conn):
             conn.lookupByName(name).destroy()
     assert name not in {d.name() for d in conn.listAllDomains(0)}
     assert seen[-1] == (name, "remove", "done"), seen
+
+
+def test_delete_of_vanished_desktop(conn):
+    """apply's deletion of a desktop removed since the plan was made succeeds quietly
+    (a libvirt error here would fail the whole apply and every controller pass)."""
+    plan = SimpleNamespace(hosts={"local": SimpleNamespace(conn=conn)},
+                           inventory=SimpleNamespace(name="demo"))
+    seen: list[tuple[str, str, str]] = []
+    apply._delete(plan, Action("delete", unique("gone"), "p", "local"),
+                  lambda *event: seen.append(event))
+    assert seen == [], "nothing was there to remove"
