@@ -191,17 +191,21 @@ def test_busy_inventory_skips_pass(tmp_path, private_state):
     assert not report.ok
 
 
-def test_recorder_records_lifecycle(private_state):
+def test_recorder_records_lifecycle(private_state, caplog):
     seen = []
     recorder = EventRecorder("rec", lambda *event: seen.append(event), {
         "n1": ("p", "create"), "r1": ("p", "refresh"), "o1": ("p", "delete"),
         "s1": ("p", "start")})
-    for desktop in ("n1", "r1"):
-        recorder(desktop, "remove", "done")
-        recorder(desktop, "record", "done in 0.01 s")
-    recorder("o1", "remove", "done")
-    recorder("s1", "start", "done")
-    recorder("parent-1", "record", "done")  # not a desktop of the plan
+    with caplog.at_level("INFO", logger="orchestrator.state.recorder"):
+        for desktop in ("n1", "r1"):
+            recorder(desktop, "remove", "done")
+            recorder(desktop, "record", "done in 0.01 s")
+        recorder("o1", "remove", "done")
+        recorder("s1", "start", "done")
+        recorder("parent-1", "record", "done")  # not a desktop of the plan
+    logged = [record.getMessage() for record in caplog.records]
+    assert "pool p, desktop n1: record done in 0.01 s" in logged, logged
+    assert "parent-1: record done" in logged, logged
     recorder.failed("n1", StepFailed("n1", "ready", Cancelled("interrupted by the user")))
     recorder.failed("s1", LabctlError("starting the desktop failed", where="s1"))
     recorded = [(event.desktop, event.kind) for event in events.recent("rec")]
