@@ -73,6 +73,11 @@ def apply_plan(plan: Plan, on_event: EventSink, *, replace: bool = False) -> App
             # the with block waits for them, so nothing half-made stays behind.
             cancel.request()
             raise
+    if cancel.requested():
+        # The cleanup below waits for the lock of every replica, which another run holds
+        # while it copies a full clone's disk, so an interrupted run leaves it to the next.
+        log.info("interrupted: unused parent VMs and replicas are removed by the next apply")
+        return result
     for key, ctx in plan.hosts.items():
         keep = {parent.parent_key(a.request, a.request.instant, ctx.domain_type)
                 for a in plan.actions
