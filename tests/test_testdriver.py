@@ -304,7 +304,7 @@ def test_remove_transient_desktop(conn):
 
 def test_delete_of_vanished_desktop(conn):
     """apply's deletion of a desktop removed since the plan was made succeeds quietly
-    (a libvirt error here would fail the whole apply and every controller pass)."""
+    (a libvirt error here would fail the whole apply or controller pass)."""
     plan = SimpleNamespace(hosts={"local": SimpleNamespace(conn=conn)},
                            inventory=SimpleNamespace(name="demo"))
     seen: list[tuple[str, str, str]] = []
