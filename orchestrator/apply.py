@@ -29,6 +29,7 @@ from orchestrator.provision.steps import EventSink, Step, run_steps
 from orchestrator.instant import parent
 from orchestrator.pools import claims, power
 from orchestrator.state import events, metadata
+from orchestrator.state.recorder import EventRecorder
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,9 @@ class PoolStops:
 
 def apply_plan(plan: Plan, on_event: EventSink, *, replace: bool = False) -> ApplyResult:
     result = ApplyResult()
+    recorder = EventRecorder(plan.inventory.name, on_event,
+                             {a.desktop: (a.pool, a.kind) for a in plan.actions})
+    on_event = recorder
     access_key = keys.access_key(plan.inventory.name, create=not _has_desktops(plan))
     for ctx in plan.hosts.values():
         if ctx.settings.ksm is not None:
@@ -98,7 +102,8 @@ def apply_plan(plan: Plan, on_event: EventSink, *, replace: bool = False) -> App
             on_event(ctx.settings.name, "ksm",
                      f"kernel same-page merging {'on' if ctx.settings.ksm else 'off'}")
     for action in plan.of_kind("delete"):
-        _run(result, action, lambda a=action: _delete(plan, a, on_event), result.deleted)
+        _run(result, action, lambda a=action: _delete(plan, a, on_event), result.deleted,
+             recorder)
     work = plan.of_kind("create", "update", "replace", "start", "refresh")
     if replace:
         work += plan.of_kind("outdated")
@@ -111,12 +116,17 @@ def apply_plan(plan: Plan, on_event: EventSink, *, replace: bool = False) -> App
                                    stops): action
                    for action in work}
         try:
-            _collect(futures, result)
+            _collect(futures, result, recorder)
         except KeyboardInterrupt:
             # Workers stop at their next wait or step and undo their desktop; leaving
             # the with block waits for them, so nothing half-made stays behind.
             cancel.request()
             raise
+    if cancel.requested():
+        # The cleanup below waits for the lock of every replica, which another run holds
+        # while it copies a full clone's disk, so an interrupted run leaves it to the next.
+        log.info("interrupted: unused parent VMs and replicas are removed by the next apply")
+        return result
     for key, ctx in plan.hosts.items():
         try:
             _remove_unused(plan, key, ctx, on_event)
@@ -140,7 +150,7 @@ def _has_desktops(plan: Plan) -> bool:
     return any(action.record is not None for action in plan.actions)
 
 
-def _collect(futures: dict, result: ApplyResult) -> None:
+def _collect(futures: dict, result: ApplyResult, recorder: EventRecorder) -> None:
     for future in as_completed(futures):
         action = futures[future]
         try:
@@ -150,7 +160,7 @@ def _collect(futures: dict, result: ApplyResult) -> None:
             continue
         except LabctlError as exc:
             result.failed[action.desktop] = exc
-            log.info("%s failed: %s", action.desktop, exc)
+            recorder.failed(action.desktop, exc)
             continue
         target = result.updated if action.kind in ("update", "refresh") else result.created
         target.append(action.desktop)
@@ -158,20 +168,26 @@ def _collect(futures: dict, result: ApplyResult) -> None:
             result.timings[action.desktop] = timings
 
 
-def _run(result: ApplyResult, action: Action, work, done: list[str]) -> None:
+def _run(result: ApplyResult, action: Action, work, done: list[str],
+         recorder: EventRecorder) -> None:
     try:
         work()
     except LabctlError as exc:
         result.failed[action.desktop] = exc
-        log.info("%s failed: %s", action.desktop, exc)
+        recorder.failed(action.desktop, exc)
         return
     done.append(action.desktop)
 
 
 def _delete(plan: Plan, action: Action, on_event: EventSink) -> None:
     ctx = plan.hosts[action.host]
-    remove_desktop(ctx, ctx.conn.lookupByName(action.desktop), plan.inventory.name, on_event)
-    note(plan.inventory.name, action, "delete", action.reason)
+    try:
+        domain = ctx.conn.lookupByName(action.desktop)
+    except libvirt.libvirtError:
+        # Removed by someone else since the plan was made: the deletion is done.
+        log.info("%s: already gone, nothing to delete", action.desktop)
+        return
+    remove_desktop(ctx, domain, plan.inventory.name, on_event)
 
 
 def note(inventory: str, action: Action, kind: str, message: str) -> None:
@@ -188,10 +204,8 @@ def _converge_or_stop(plan: Plan, action: Action, access_key: keys.KeyPair,
         timings = _converge(plan, action, access_key, on_event)
     except LabctlError as exc:
         stops.failed(action, exc)
-        note(plan.inventory.name, action, "failed", f"{action.kind} failed: {exc}")
         raise
     if action.kind in PROVISIONING:
-        note(plan.inventory.name, action, action.kind, f"ready ({action.reason})")
         _settle_power(plan, action, on_event)
     return timings
 
@@ -207,14 +221,17 @@ def _settle_power(plan: Plan, action: Action, on_event: EventSink) -> None:
                        on_event)
 
 
-def _start(ctx, name: str, on_event: EventSink) -> None:
-    on_event(name, "start", "start")
-    try:
-        ctx.conn.lookupByName(name).create()
-    except libvirt.libvirtError as exc:
-        raise LabctlError(f"starting the desktop failed: {exc.get_error_message()}",
-                          where=name) from exc
-    on_event(name, "start", "done")
+def _start(ctx: HostContext, name: str, on_event: EventSink) -> None:
+    """Start a shut-off desktop under the host's power throttle (limits.power)."""
+    with ctx.power:
+        on_event(name, "start", "start")
+        try:
+            ctx.conn.lookupByName(name).create()
+        except libvirt.libvirtError as exc:
+            on_event(name, "start", "failed")
+            raise LabctlError(f"starting the desktop failed: {exc.get_error_message()}",
+                              where=name) from exc
+        on_event(name, "start", "done")
 
 
 def _converge(plan: Plan, action: Action, access_key: keys.KeyPair,
@@ -256,15 +273,22 @@ def recreate_desktop(ctx: HostContext, inventory: str, request: DesktopRequest,
     while a new parent boots. If the new desktop fails or labctl is interrupted, the
     old definition comes back marked "failed": its identity is not lost, and the next
     apply re-creates it. The old definition is in the journal while no domain has it,
-    so a killed run's definition comes back at the next apply, refresh or gc.
+    so a killed run's definition comes back at the next apply, refresh or gc. The whole
+    re-creation takes one slot of the host's provisioning throttle.
     """
+    with ctx.provisioning:
+        return _recreate(ctx, inventory, request, access_key, on_event)
+
+
+def _recreate(ctx: HostContext, inventory: str, request: DesktopRequest,
+              access_key: keys.KeyPair, on_event: EventSink) -> dict[str, float]:
     try:
         domain = ctx.conn.lookupByName(request.name)
     except libvirt.libvirtError:
-        return provision(ctx, request, access_key, on_event)
+        return _provision(ctx, request, access_key, on_event)
     record = metadata.read(domain)
     if record is None:
-        return provision(ctx, request, access_key, on_event)  # check_name will refuse it
+        return _provision(ctx, request, access_key, on_event)  # check_name will refuse it
     if request.clone == "instant":
         parent.ensure_parent(ctx, request, request.instant, access_key, on_event)
     kept = KeptIdentity.of(domain, record)
@@ -278,7 +302,7 @@ def recreate_desktop(ctx: HostContext, inventory: str, request: DesktopRequest,
         Step("remove-old", lambda: remove_desktop(ctx, domain, inventory, on_event),
              lambda: define_failed(ctx, definition)),
         Step("provision", lambda: timings.update(
-            provision(ctx, request, access_key, on_event, kept=kept))),
+            _provision(ctx, request, access_key, on_event, kept=kept))),
     ]
     run_steps(request.name, steps, on_event, operation)
     return timings
@@ -297,12 +321,18 @@ def provision(ctx: HostContext, request: DesktopRequest, access_key: keys.KeyPai
               on_event: EventSink, kept: KeptIdentity | None = None) -> dict[str, float]:
     """Provision one desktop of any clone method under the host's provisioning throttle."""
     with ctx.provisioning:
-        if request.clone == "instant":
-            job: Provisioning = ChildProvisioning(ctx, request, access_key, on_event, kept=kept,
-                                                  method=request.instant)
-        else:
-            job = Provisioning(ctx, request, access_key, on_event, kept=kept)
-        job.run()
+        return _provision(ctx, request, access_key, on_event, kept=kept)
+
+
+def _provision(ctx: HostContext, request: DesktopRequest, access_key: keys.KeyPair,
+               on_event: EventSink, kept: KeptIdentity | None = None) -> dict[str, float]:
+    """Provision one desktop; the caller must have acquired a slot of ctx.provisioning."""
+    if request.clone == "instant":
+        job: Provisioning = ChildProvisioning(ctx, request, access_key, on_event, kept=kept,
+                                              method=request.instant)
+    else:
+        job = Provisioning(ctx, request, access_key, on_event, kept=kept)
+    job.run()
     return job.timings
 
 
@@ -326,9 +356,11 @@ def refresh_desktops(plan: Plan, names: list[str], on_event: EventSink) -> Apply
             found.append(action)
     if found:
         access_key = keys.access_key(plan.inventory.name, create=False)
+    recorder = EventRecorder(plan.inventory.name, on_event,
+                             {a.desktop: (a.pool, "refresh") for a in found})
     for action in found:
-        _run(result, action, lambda a=action: _refresh(plan, a, access_key, on_event),
-             result.updated)
+        _run(result, action, lambda a=action: _refresh(plan, a, access_key, recorder),
+             result.updated, recorder)
     return result
 
 
@@ -336,4 +368,4 @@ def _refresh(plan: Plan, action: Action, access_key: keys.KeyPair,
              on_event: EventSink) -> None:
     assert action.request is not None
     recreate_desktop(plan.hosts[action.host], plan.inventory.name, action.request, access_key,
-              on_event)
+                     on_event)

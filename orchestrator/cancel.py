@@ -28,6 +28,11 @@ def reset() -> None:
     _cancelled.clear()
 
 
+def requested() -> bool:
+    """Return whether the run was interrupted."""
+    return _cancelled.is_set()
+
+
 def check() -> None:
     """Raise Cancelled if the run was interrupted."""
     if _cancelled.is_set():

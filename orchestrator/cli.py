@@ -24,8 +24,8 @@ def _add_output(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from orchestrator.commands import (
-        apply_cmd, gc_cmd, host_cmd, identity_cmd, image_cmd, inventory_cmd, maintenance_cmd,
-        session_cmd, ssh_cmd,
+        apply_cmd, events_cmd, gc_cmd, host_cmd, identity_cmd, image_cmd, inventory_cmd,
+        maintenance_cmd, run_cmd, session_cmd, ssh_cmd,
     )
 
     parser = argparse.ArgumentParser(
@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     apply_cmd.register_bench(commands, _add_output)
     maintenance_cmd.register(commands, _add_output)
     session_cmd.register(commands, _add_output)
+    run_cmd.register(commands, _add_output)
+    events_cmd.register(commands, _add_output)
     ssh_cmd.register(commands, _add_output)
     gc_cmd.register(commands, _add_output)
     return parser

@@ -44,7 +44,10 @@ def named_lock(name: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def exclusive_run(name: str, what: str) -> Iterator[None]:
+def exclusive_run(name: str, what: str, *,
+                  fix: str = "wait for it to finish and run this command again, or stop it "
+                  "with Ctrl-C so it rolls back",
+                  ) -> Iterator[None]:
     """Hold the lock ``name`` for a whole command, or raise ConflictError if it is taken.
 
     ``what`` describes the command for the error message, e.g. "apply of inventory
@@ -58,7 +61,7 @@ def exclusive_run(name: str, what: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
             handle.seek(0)
-            raise _held_error(handle.read(), what) from exc
+            raise _held_error(handle.read(), what, fix) from exc
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()} {what}")
@@ -71,7 +74,7 @@ def exclusive_run(name: str, what: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _held_error(content: str, what: str) -> ConflictError:
+def _held_error(content: str, what: str, fix: str) -> ConflictError:
     """Return the error for a run lock held by the process described in ``content``.
 
     The holder may not have written its pid yet, or may be an older labctl that wrote
@@ -80,6 +83,5 @@ def _held_error(content: str, what: str) -> ConflictError:
     pid, _, holder_what = content.strip().partition(" ")
     return ConflictError(
         f"another labctl {holder_what or what} is running (pid {pid or 'unknown'})",
-        fix="wait for it to finish and run this command again, or stop it with Ctrl-C so "
-        "it rolls back",
+        fix=fix,
     )

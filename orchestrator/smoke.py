@@ -64,7 +64,8 @@ def _clean_up(ctx: HostContext, name: str, inventory: str, on_event: EventSink) 
         domain = None
     if domain is not None:
         remove_desktop(ctx, domain, inventory, on_event)
-    replica.remove_unused(ctx.pool)
+    with ctx.maintenance:
+        replica.remove_unused(ctx.pool)
     key_dir = keys.access_key_path(inventory).parent
     if key_dir.exists():
         shutil.rmtree(key_dir)

@@ -12,14 +12,19 @@ import socket
 import uuid
 import xml.etree.ElementTree as ET
 from dataclasses import replace
+from types import SimpleNamespace
 
 import libvirt
 import pytest
 
+from orchestrator import apply
 from orchestrator.domain import Disk, DomainSpec, Interface, UserNetwork, render_domain
 from orchestrator.hosts.connection import open_connection
+from orchestrator.hosts.context import HostSettings
 from orchestrator.identity import allocate
 from orchestrator.identity.allocate import HostAllocator, used_forward_ports, used_macs
+from orchestrator.plan import Action
+from orchestrator.provision.remove import remove_desktop
 from orchestrator.state import metadata
 from orchestrator.state.metadata import DesktopRecord
 
@@ -275,3 +280,34 @@ def test_allocator_skips_arg_port():
     stub = qemu_arg_conn(port)
     allocator = HostAllocator(stub, port_range=(port, port + 50))  # type: ignore[arg-type]
     assert allocator.ssh_port() not in (port, port + 1)
+
+
+# --- removal --------------------------------------------------------------------------------
+
+
+def test_remove_transient_desktop(conn):
+    """A transient desktop (an instant clone killed before its persist step) is removed
+    without an error: destroying it already makes it vanish."""
+    name = unique("tr")
+    meta = record(inventory="demo", disk="", seed="")
+    domain = conn.createXML(render_domain(spec(name, meta=meta)), 0)
+    ctx = SimpleNamespace(settings=HostSettings(uri=URI), conn=conn)
+    seen: list[tuple[str, str, str]] = []
+    try:
+        remove_desktop(ctx, domain, "demo", lambda *event: seen.append(event))
+    finally:
+        if name in {d.name() for d in conn.listAllDomains(0)}:
+            conn.lookupByName(name).destroy()
+    assert name not in {d.name() for d in conn.listAllDomains(0)}
+    assert seen[-1] == (name, "remove", "done"), seen
+
+
+def test_delete_of_vanished_desktop(conn):
+    """apply's deletion of a desktop removed since the plan was made succeeds quietly
+    (a libvirt error here would fail the whole apply or controller pass)."""
+    plan = SimpleNamespace(hosts={"local": SimpleNamespace(conn=conn)},
+                           inventory=SimpleNamespace(name="demo"))
+    seen: list[tuple[str, str, str]] = []
+    apply._delete(plan, Action("delete", unique("gone"), "p", "local"),
+                  lambda *event: seen.append(event))
+    assert seen == [], "nothing was there to remove"

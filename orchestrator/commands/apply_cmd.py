@@ -21,6 +21,8 @@ from orchestrator.inventory import load_inventory
 from orchestrator.plan import Plan, make_plan, open_inventory_host
 from orchestrator.provision.remove import destroy_inventory
 from orchestrator.smoke import run_smoke as smoke
+from orchestrator.state import metadata
+from orchestrator.state.recorder import EventRecorder
 
 _SYMBOLS = {"create": "+", "delete": "-", "update": "~", "start": ">", "replace": "!",
             "refresh": "*", "outdated": "?", "keep": "="}
@@ -278,7 +280,10 @@ def _destroy(args: argparse.Namespace, inventory) -> int:
     for key in hosts_used:
         ctx = open_inventory_host(inventory, key)
         try:
-            errors += destroy_inventory(ctx, inventory.name, printer)
+            desktops = metadata.inventory_desktops(ctx.conn, inventory.name)
+            recorder = EventRecorder(inventory.name, printer, {
+                name: (record.pool, "delete") for name, (_domain, record) in desktops.items()})
+            errors += destroy_inventory(ctx, inventory.name, recorder)
         finally:
             ctx.close()
     for error in errors:

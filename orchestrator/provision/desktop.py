@@ -240,14 +240,17 @@ class Provisioning:
             self.domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
 
     def start(self) -> None:
+        """Start the domain, holding a slot of the host's power throttle (limits.power)."""
         started = time.monotonic()
         assert self.domain is not None
-        self.domain.create()
+        with self.ctx.power:
+            self.domain.create()
         self.timings["start"] = time.monotonic() - started
 
     def stop(self) -> None:
         if self.domain is not None and self.domain.isActive():
-            self.domain.destroy()
+            with self.ctx.power:
+                self.domain.destroy()
 
     def wait_ready(self) -> None:
         assert self.domain is not None and self.identity is not None

@@ -50,13 +50,17 @@ def remove_desktop(ctx: HostContext, domain: libvirt.virDomain, inventory: str,
 
 
 def _undefine(domain: libvirt.virDomain) -> None:
+    # An instant clone is transient until its persist step, so a run killed before that
+    # step leaves a domain that vanishes when it is destroyed and has nothing to undefine.
+    persistent = domain.isPersistent()
     if domain.isActive():
         with contextlib.suppress(libvirt.libvirtError):
             domain.destroy()
-    with contextlib.suppress(libvirt.libvirtError):
-        domain.managedSaveRemove(0)
-    domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
-                         | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+    if persistent:
+        with contextlib.suppress(libvirt.libvirtError):
+            domain.managedSaveRemove(0)
+        domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+                             | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
 
 
 def _delete_volumes(ctx: HostContext, name: str, record: metadata.DesktopRecord) -> None:
@@ -114,7 +118,8 @@ def remove_unused_bases(ctx: HostContext, inventory: str, keep: set[str],
                         on_event: EventSink) -> None:
     """Remove the inventory's parent VMs that no child uses (except usable ones in ``keep``)
     and the replicas no domain or volume uses, in every storage pool of the host."""
-    parent.remove_unused_parents(ctx, inventory, keep, on_event)
-    for pool in ctx.existing_pools():
-        for volume in replica.remove_unused(pool):
-            on_event(volume, "remove", "unused replica removed")
+    with ctx.maintenance:
+        parent.remove_unused_parents(ctx, inventory, keep, on_event)
+        for pool in ctx.existing_pools():
+            for volume in replica.remove_unused(pool):
+                on_event(volume, "remove", "unused replica removed")
