@@ -22,6 +22,7 @@ from orchestrator.inventory import Inventory
 from orchestrator.plan import desktop_requests
 from orchestrator.provision.desktop import Provisioning, os_volume_name, seed_volume_name
 from orchestrator.provision.request import DesktopRequest
+from orchestrator.pools import sizing
 from orchestrator.state import metadata
 from orchestrator.storage.pool import volume_xml
 from orchestrator.storage.replica import Replica
@@ -34,7 +35,8 @@ ACCESS_KEY = KeyPair(
 
 def check_inventory_renders(inventory: Inventory) -> None:
     """Render every desktop of ``inventory`` and check that each value round-trips."""
-    requests = desktop_requests(inventory, dict.fromkeys(inventory.images), {})
+    layouts = sizing.layout(inventory, {}, set())
+    requests = desktop_requests(inventory, dict.fromkeys(inventory.images), {}, layouts)
     assert len(requests) == sum(pool.size for pool in inventory.pools.values())
     for request in requests:
         host = inventory.hosts[request.host]
