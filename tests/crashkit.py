@@ -119,7 +119,7 @@ class Lab:
     def write(self, pools: dict) -> None:
         document = {
             "name": self.name,
-            "hosts": {"local": {"uri": URI, "max_parallel": 1,
+            "hosts": {"local": {"uri": URI, "limits": {"provisioning": 1},
                                 "storage": {"pool": TEST_POOL, "path": TEST_POOL_PATH}}},
             "images": {"tiny": {"build": "tiny"}},
             "networks": {"lab": {"mode": "user"}},

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import libvirt
 import pytest
+import yaml
 from conftest import REPO, URI, run_labctl, unique_name
 from faultkit import PrivatePool, can_restart_libvirtd, fill, restart_libvirtd, shared_filesystem
 
@@ -102,6 +103,10 @@ def assert_ready(path: Path, names: list[str]) -> dict[str, dict]:
 
 
 def apply_ok(path: Path) -> None:
+    """Clear the pools a fault stopped (stop_on_error is on by default), then apply."""
+    for pool in yaml.safe_load(path.read_text())["pools"]:
+        cleared = run_labctl("clear", str(path), pool, timeout=COMMAND_TIMEOUT)
+        assert cleared.returncode == 0, describe(cleared)
     result = run_labctl("apply", str(path), timeout=COMMAND_TIMEOUT)
     assert result.returncode == 0, f"the apply after the fault failed: {describe(result)}"
 

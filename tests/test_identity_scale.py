@@ -110,7 +110,7 @@ def assert_distinct(identities: dict[str, Identity], when: str) -> None:
 def scale_pool(make_inventory, tiny_image):
     """Write an inventory of POOL_SIZE linked tiny desktops, and remove local keys afterwards."""
     name, prefix = unique_name("t"), unique_name("z")
-    hosts = {"local": {"uri": URI, "max_parallel": 3,
+    hosts = {"local": {"uri": URI, "limits": {"provisioning": 3},
                        "storage": {"pool": TEST_POOL, "path": TEST_POOL_PATH}}}
     pools = {"scale": {"image": "tiny", "clone": "linked", "size": POOL_SIZE,
                        "naming": f"{prefix}{{n:fixed=2}}", "network": "lab",

@@ -69,8 +69,12 @@ def run_steps(desktop: str, steps: list[Step], on_event: EventSink,
             # process has ended, removes what is left by name.
             if operation is not None and undone:
                 journal.finish(operation, journal.FAILED)
-            # An inner sequence (a refresh's provisioning) already named its failed step.
-            if isinstance(exc, (KeyboardInterrupt, SystemExit, StepFailed)):
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            # An inner sequence of the same desktop (a refresh's provisioning) already named
+            # its failed step. One of another machine (a parent VM) is wrapped, so the error
+            # names this desktop and the step that needed it.
+            if isinstance(exc, StepFailed) and exc.where == desktop:
                 raise
             raise StepFailed(desktop, step.name, exc) from exc
         done.append(step)
