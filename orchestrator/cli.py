@@ -117,6 +117,13 @@ def main(argv: list[str] | None = None) -> int:
         error = libvirt_failure("a libvirt call failed", exc)
         print(f"labctl: error: {error}", file=sys.stderr)
         return error.exit_code
+    except (NotADirectoryError, FileExistsError, PermissionError) as exc:
+        # A state or data directory that is a file, or not writable, e.g. a wrong
+        # LABCTL_DATA_DIR or LABCTL_STATE_DIR.
+        print(f"labctl: error: {exc.filename}: {exc.strerror} (check LABCTL_DATA_DIR and "
+              "LABCTL_STATE_DIR, and the permissions of labctl's data directory)",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("labctl: interrupted; desktops that were being provisioned were rolled back",
               file=sys.stderr)

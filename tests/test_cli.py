@@ -266,3 +266,25 @@ def test_libvirt_error_one_line(monkeypatch, capsys):
     assert len(lines) == 1, lines
     assert lines[0] == ("labctl: error: a libvirt call failed: internal error: client "
                         "socket is closed"), lines[0]
+
+
+def test_events_limit_bounded(tmp_path):
+    result = labctl(tmp_path, "events", str(DEMO), "--limit", "99999999999999999999999")
+    assert result.returncode == 2, result.stderr
+    assert "--limit must be from 1 to" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_data_dir_that_is_a_file(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    result = labctl(afile, "events", str(DEMO))
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"labctl: error: {afile}/state: Not a directory"), result.stderr
+
+
+def test_host_check_empty_uri(tmp_path):
+    result = labctl(tmp_path, "host", "check", "--uri", "")
+    assert result.returncode == 2, result.stderr
+    assert "the libvirt URI is empty" in result.stderr

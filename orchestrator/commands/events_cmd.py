@@ -29,8 +29,9 @@ def _count(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid count: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--limit must be at least 1, not {value}")
+    if not 1 <= value <= events.KEEP_EVENTS:
+        raise argparse.ArgumentTypeError(
+            f"--limit must be from 1 to {events.KEEP_EVENTS} (the events kept), not {value}")
     return value
 
 

@@ -16,7 +16,7 @@ def register(commands, add_output) -> None:
     check = sub.add_parser(
         "check", help="print libvirt and QEMU versions, the accelerator (probed), storage, KSM"
     )
-    check.add_argument("--uri", default=DEFAULT_URI, help=f"libvirt URI (default {DEFAULT_URI})")
+    check.add_argument("--uri", default=DEFAULT_URI, type=_uri, help=f"libvirt URI (default {DEFAULT_URI})")
     check.add_argument("--storage-pool", default=HostSettings.storage_pool,
                        help="storage pool to report on (default %(default)s)")
     check.add_argument("--storage-path", default=HostSettings.storage_path,
@@ -50,3 +50,9 @@ def check_host(args: argparse.Namespace) -> int:
     ]
     output.print_table(None, ("fact", "value"), rows)
     return 0
+
+
+def _uri(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the libvirt URI is empty")
+    return text

@@ -391,11 +391,12 @@ class Pool(StrictModel):
                 fix="remove refresh_over:, or use clone: linked",
                 field="refresh_over",
             )
-        if self.recompose.min_ready > self.size:
+        if self.recompose.min_ready and self.recompose.min_ready >= self.size:
+            # A roll takes a free desktop down at a time, so min_ready must leave one.
             raise labctl_error(
-                f"recompose.min_ready is {self.recompose.min_ready}, more than the pool's size "
-                f"of {self.size}",
-                fix=f"lower min_ready: to at most {self.size}",
+                f"recompose.min_ready is {self.recompose.min_ready}, but the pool's size is "
+                f"{self.size}, so a recompose could never take a desktop down",
+                fix=f"lower min_ready: to at most {self.size - 1}",
                 field="recompose",
             )
         if len(set(self.storage)) != len(self.storage):
