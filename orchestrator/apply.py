@@ -85,7 +85,9 @@ class PoolStops:
             first = action.pool not in self._stopped
             self._stopped.add(action.pool)
         if first:
-            events.stop_pool(self.inventory.name, action.pool, action.desktop, str(error))
+            # The record names the desktop already, so the message does not repeat it.
+            message = str(error).removeprefix(f"{action.desktop}: ")
+            events.stop_pool(self.inventory.name, action.pool, action.desktop, message)
             log.info("pool %s: stopped at the provisioning error of %s", action.pool,
                      action.desktop)
 

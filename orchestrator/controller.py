@@ -298,7 +298,8 @@ class Controller:
 
     def _stop_pool(self, inventory: Inventory, pool: str, desktop: str,
                    error: LabctlError) -> None:
-        events.stop_pool(inventory.name, pool, desktop, str(error))
+        events.stop_pool(inventory.name, pool, desktop,
+                         str(error).removeprefix(f"{desktop}: "))
         if pool in self._announced:
             return
         self._announced.add(pool)
