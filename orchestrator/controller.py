@@ -60,7 +60,7 @@ def controller_lock(inventory: Inventory):
 
 @dataclass
 class PassReport:
-    """What one pass did: the apply result, desktops held back and why, stopped pools."""
+    """The outcome of one pass: the apply result, desktops held back and why, stopped pools."""
 
     number: int
     result: ApplyResult | None = None
@@ -117,7 +117,7 @@ class InventorySource:
 
 class StopRequest:
     """SIGTERM and SIGINT for `labctl run`: the first one ends the loop after the current
-    pass and rolls back the desktops in flight (cancel.request); later ones only say so."""
+    pass and rolls back the desktops in flight (cancel.request). Later ones only log that."""
 
     def __init__(self) -> None:
         self._event = threading.Event()

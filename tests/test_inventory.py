@@ -1224,7 +1224,8 @@ def test_policies_parse(tmp_path):
     )).pools["lab"]
     assert (pool.provisioning.min_desktops, pool.provisioning.spare_desktops) == (1, 2)
     assert pool.refresh_over == 2048 * MIB
-    assert pool.recompose.grace == 300 and pool.recompose.strategy == "force"
+    assert pool.recompose.grace == 300
+    assert pool.recompose.strategy == "force"
     assert pool.power_policy == "suspend"
 
 
@@ -1266,7 +1267,8 @@ def test_instant_pool_has_no_power_policy(tmp_path):
 
 def test_full_pool_has_no_overlay_threshold(tmp_path):
     error = load_error(tmp_path, pool_yaml("refresh_over: 1GiB", clone="full"))
-    assert "a full clone has none" in error.message and error.where == at(tmp_path, 11)
+    assert "a full clone has none" in error.message
+    assert error.where == at(tmp_path, 11)
 
 
 def test_storage_must_be_a_pool_of_the_host(tmp_path):

@@ -223,7 +223,8 @@ class ProvisioningPolicy(StrictModel):
 
 
 class AssignmentPolicy(StrictModel):
-    """Who gets which desktop: any free one (floating) or always the same one (dedicated)."""
+    """The assignment of desktops to users: any free one (floating) or always the same one
+    (dedicated)."""
 
     type: Literal["floating", "dedicated"] = "floating"
     automatic: bool = Field(
@@ -233,7 +234,7 @@ class AssignmentPolicy(StrictModel):
 
 
 class RecomposePolicy(StrictModel):
-    """How labctl recompose moves desktops to a new image version."""
+    """The rules by which labctl recompose moves desktops to a new image version."""
 
     strategy: Literal["wait-for-logoff", "force"] = Field(
         "wait-for-logoff", description="Desktops in use: recomposed at release "
