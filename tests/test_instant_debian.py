@@ -45,19 +45,22 @@ def test_debian_instant_children(make_inventory):
     for name, desktop in sorted(desktops.items()):
         probe = ("hostname; cat /etc/machine-id /sys/class/net/eth0/address "
                  "/etc/ssh/ssh_host_ed25519_key.pub /var/lib/cloud/data/instance-id; "
-                 "id -un; date +%s")
+                 "id -un; date +%s; ls /etc/ssh | grep ssh_host_ | tr '\\n' ' '")
         before = time.time()
         answer = run_labctl("ssh", name, "--inventory", str(path), "--", probe, timeout=120)
         after = time.time()
         assert answer.returncode == 0, f"labctl ssh {name}: {describe(answer)}"
         lines = answer.stdout.split("\n")
-        hostname, machine_id, mac, host_key, instance, user, clock = lines[:7]
+        hostname, machine_id, mac, host_key, instance, user, clock, key_files = lines[:8]
         assert hostname == name
         assert machine_id == desktop["machine_id"] == desktop["uuid"].replace("-", "")
         assert mac == desktop["mac"], f"{name}: the guest's NIC has {mac}"
         assert host_key.split()[:2] == desktop["ssh_host_key"].split()[:2]
         assert instance.startswith(f"{name}-"), f"{name}: cloud-init instance {instance}"
         assert user == "student", f"{name}: logged in as {user}, not the pool's user"
+        # The parent's own host keys were removed before its save: only the child's is left.
+        assert key_files.split() == ["ssh_host_ed25519_key", "ssh_host_ed25519_key.pub"], (
+            f"{name}: host key files {key_files!r}")
         # The guest read its clock some time during the SSH command, which under load takes
         # seconds, so its reading must fall within the command's span, give or take 2 s.
         assert before - 2 <= int(clock) <= after + 2, (

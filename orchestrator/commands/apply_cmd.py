@@ -157,7 +157,8 @@ def _apply(args: argparse.Namespace, inventory) -> int:
                                             "deleted": result.deleted,
                                             "skipped": result.skipped,
                                             "held": result.held,
-                                            "failed": failed}) + "\n")
+                                            "failed": failed,
+                                            "timings": result.timings}) + "\n")
     elif data is not None:
         _print_status(data)
         _print_parents(data)

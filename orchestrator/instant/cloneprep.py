@@ -72,6 +72,11 @@ def profile_for(image_identity: str) -> str:
     return "tiny" if image_identity == "labctl-seed" else "systemd"
 
 
+def clock_value(profile: str, epoch: float) -> str:
+    """The ``date -s @VALUE`` for ``epoch``: GNU date takes milliseconds, busybox only seconds."""
+    return str(round(epoch)) if profile == "tiny" else f"{epoch:.3f}"
+
+
 def script_text() -> str:
     return resources.files("orchestrator.instant").joinpath("cloneprep.sh").read_text()
 
@@ -79,7 +84,7 @@ def script_text() -> str:
 def arguments(target: Target, epoch: float) -> list[str]:
     """The script's argv after ``sh -c TEXT``; every value must be plain."""
     identity = target.identity
-    values = [target.profile, str(round(epoch)), identity.hostname, identity.fqdn,
+    values = [target.profile, clock_value(target.profile, epoch), identity.hostname, identity.fqdn,
               identity.machine_id, identity.instance_id, target.parent_instance_id,
               os.urandom(64).hex()]
     for value in values:
@@ -153,10 +158,15 @@ def _run_once(domain: libvirt.virDomain, commands: tuple[str, ...]) -> None:
 
 
 def verify(domain: libvirt.virDomain, target: Target) -> None:
-    """Read each identity value back from the guest; raise GuestError on any mismatch."""
+    """Step the clock once more, read each identity value back; raise GuestError on a mismatch.
+
+    The script set the time it was handed at its start, which a busy host can deliver
+    seconds late. The time sent with the read-back is taken just before its exec, which
+    runs in a guest whose code TCG has translated by now, so it arrives within tens of
+    milliseconds; guest-set-time would also run hwclock in the guest, which costs more.
+    """
     identity = target.identity
-    lines = agent.check_output(domain, ["cat", "/proc/sys/kernel/hostname", "/etc/machine-id",
-                                        target.instance_file]).split()
+    lines = _step_clock_and_read(domain, target).split()
     seen = dict(zip(("hostname", "machine-id", "instance-id"), lines + ["", "", ""]))
     wanted = {"hostname": identity.hostname, "machine-id": identity.machine_id,
               "instance-id": identity.instance_id}
@@ -164,12 +174,20 @@ def verify(domain: libvirt.virDomain, target: Target) -> None:
              for key in wanted if seen[key] != wanted[key]]
     offset = agent.clock_offset(domain)
     if abs(offset) > CLOCK_RESTEP:
-        # The script set the time it was handed at its start; on a busy host the exec
-        # can start seconds later. guest-set-time applies the host's time on arrival.
-        agent.set_time(domain)
+        _step_clock_and_read(domain, target)
         offset = agent.clock_offset(domain)
     if abs(offset) > CLOCK_TOLERANCE:
         wrong.append(f"clock {offset:+.1f} s from the host's")
     if wrong:
         raise GuestError("ClonePrep did not take: " + ", ".join(wrong), where=domain.name(),
                          fix="read the guest's console log and journal")
+
+
+# Sets the clock to $1 and prints the hostname, machine-id and cloud-init instance-id ($2).
+_STEP_AND_READ = 'date -u -s "@$1" >/dev/null && cat /proc/sys/kernel/hostname /etc/machine-id "$2"'
+
+
+def _step_clock_and_read(domain: libvirt.virDomain, target: Target) -> str:
+    argv = ["/bin/sh", "-c", _STEP_AND_READ, "labctl-verify",
+            clock_value(target.profile, time.time()), target.instance_file]
+    return agent.check_output(domain, argv)

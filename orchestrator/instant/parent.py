@@ -35,7 +35,7 @@ from orchestrator.errors import GuestError
 from orchestrator.guest import agent
 from orchestrator.hosts.context import HostContext
 from orchestrator.identity import keys
-from orchestrator.instant import fork
+from orchestrator.instant import cloneprep, fork
 from orchestrator.provision import readiness
 from orchestrator.provision.desktop import Provisioning
 from orchestrator.provision.request import DesktopRequest, NetworkSpec
@@ -48,6 +48,16 @@ from orchestrator.storage.replica import replica_users
 log = logging.getLogger(__name__)
 
 PREFIX = "labctl-parent-"
+
+# Fills all but 48 MiB of the guest's free memory with a zeroed string and exits, which
+# puts those pages back on the free list as zeros. Needs perl (Debian's perl-base is
+# essential); guests without it are saved as they are.
+_ZERO_FREE_MEMORY = """command -v perl >/dev/null || exit 0
+exec perl -e 'open(my $m, "<", "/proc/meminfo") or exit 0;
+  my ($free) = map { /^MemFree:\\s+(\\d+) kB/ ? $1 : () } <$m>;
+  my $keep = 48 * 1024;
+  my $zeros = "\\0" x (($free // 0) > $keep ? ($free - $keep) * 1024 : 0);'
+"""
 
 
 @dataclass
@@ -214,10 +224,22 @@ class ParentBuild(Provisioning):
         readiness.wait_ready(self.domain, expected, "", timeout=self.request.ready_timeout)
 
     def prepare(self) -> None:
-        """Write everything to disk and drop clean caches: less state to save and restore."""
+        """Write everything to disk and drop clean caches: less state to save and restore.
+
+        The parent's SSH host keys go first, so no child can ever serve them; ClonePrep
+        writes each child's own. For restore, the guest's free memory is also zeroed: a
+        save image carries each zero page as a flag, and every child restores (and holds)
+        the whole image.
+        """
         assert self.domain is not None
+        if cloneprep.profile_for(self.request.image.identity) == "systemd":
+            agent.check_output(self.domain, ["find", "/etc/ssh", "-maxdepth", "1", "-name",
+                                             "ssh_host_*", "-delete"])
         agent.check_output(self.domain, ["sync"])
         agent.write_file(self.domain, "/proc/sys/vm/drop_caches", b"3\n", mode=None)
+        if self.method == "restore":
+            agent.check_output(self.domain, ["/bin/sh", "-c", _ZERO_FREE_MEMORY],
+                               timeout=self.request.ready_timeout)
 
     def save(self) -> None:
         assert self.domain is not None and self.parent is not None
