@@ -144,6 +144,7 @@ def _saved_parent(conn, pool, image, prefix: str, ram_file: str, state_path: str
     boot = DirectBoot(base.kernel, base.initrd, image.boot.cmdline)
     disk = Disk(overlay.path(), "qcow2", "vda", backing=(base.disk,))
     fork.prepare_ram_dir()
+    fork.create_ram_file(ram_file)
     domain = conn.createXML(
         domain_xml(f"{prefix}parent", boot, disk, fork.parent_args(ram_file, MEMORY)), 0)
     agent.wait_for_agent(domain, timeout=BOOT_TIMEOUT)
@@ -260,6 +261,15 @@ def test_prepare_ram_dir_owner_and_mode():
     uid, gid = fork.qemu_user()
     assert (info.st_uid, info.st_gid) == (uid, gid)
     assert info.st_mode & 0o777 == 0o700, f"mode {oct(info.st_mode)}"
+
+
+@pytest.mark.libvirt
+def test_ram_file_private_to_qemu(parent):
+    """QEMU filled the RAM file labctl created and kept its owner and mode."""
+    info = os.lstat(parent.ram_file)
+    assert (info.st_uid, info.st_gid) == fork.qemu_user()
+    assert info.st_mode & 0o777 == 0o600, f"mode {oct(info.st_mode)}"
+    assert info.st_size == MEMORY, f"QEMU did not size the file: {info.st_size} bytes"
 
 
 @pytest.mark.libvirt

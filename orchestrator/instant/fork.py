@@ -123,6 +123,26 @@ def prepare_ram_dir() -> None:
         os.close(descriptor)
 
 
+def create_ram_file(path: str) -> None:
+    """Create a parent's RAM file empty, mode 0600 and owned by the QEMU user.
+
+    QEMU would create a missing file with its own umask, readable by everyone; it sizes
+    the file it finds to the guest's memory. A file left at ``path`` is replaced.
+    """
+    uid, gid = qemu_user()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise ForkError(f"cannot create the RAM file {path}: {exc.strerror}", where=path,
+                        fix=f"check that {RAM_DIR} is a directory owned by the QEMU user") from exc
+    try:
+        os.fchown(descriptor, uid, gid)
+    finally:
+        os.close(descriptor)
+
+
 def _own_directory(descriptor: int, uid: int, gid: int) -> None:
     info = os.fstat(descriptor)
     if info.st_uid not in (0, uid):

@@ -185,6 +185,7 @@ class ParentBuild(Provisioning):
     def define(self) -> None:
         if self.method == "fork":
             fork.prepare_ram_dir()
+            fork.create_ram_file(self.ram_file)
         super().define()
 
     def define_args(self) -> tuple[str, ...]:
