@@ -39,7 +39,7 @@ pytestmark = pytest.mark.libvirt
 
 
 @pytest.fixture
-def lab(tmp_path, operation: Operation, request) -> Lab:
+def lab(tmp_path, operation: Operation, request, conn) -> Lab:
     name = unique_name("m")
     lab = Lab(tmp_path / f"{name}.yaml", name, unique_name("z"))
     if operation.command == "rebalance":
@@ -55,20 +55,18 @@ def lab(tmp_path, operation: Operation, request) -> Lab:
     try:
         yield lab
     finally:
-        _remove_lab(lab, request)
+        _remove_lab(lab, conn)
 
 
-def _remove_lab(lab: Lab, request) -> None:
+def _remove_lab(lab: Lab, conn) -> None:
     """Destroy the lab's desktops, then its storage pools and image versions."""
     try:
         if lab.path.exists():
             destroyed = lab.labctl("destroy", str(lab.path))
             assert destroyed.returncode == 0, f"labctl destroy failed: {destroyed.stderr}"
     finally:
-        if lab.storage:
-            conn = request.getfixturevalue("conn")
-            for name, path in lab.storage.items():
-                remove_storage_pool(conn, name, path)
+        for name, path in lab.storage.items():
+            remove_storage_pool(conn, name, path)
         if lab.versions:
             catalog_name = lab.images["gold"]["catalog"]
             shutil.rmtree(paths.images_dir() / catalog_name, ignore_errors=True)
