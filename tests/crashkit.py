@@ -309,9 +309,11 @@ def _disk_files(domain: libvirt.virDomain) -> set[str]:
 
 
 def _unused_replica(lab: Lab, directory: str, entry: str, disks: set[str]) -> bool:
-    """Return whether ``entry`` is a replica of the lab that its desktop does not need:
-    any replica in the lab's own storage pool with no desktop disk there, or a replica of
-    one of the lab's image versions other than the desktop's."""
+    """Return whether ``entry`` is a replica of the lab that its desktop does not need.
+
+    That is any replica in the lab's own storage pool when no desktop disk is there. It
+    is also a replica of one of the lab's image versions other than the desktop's.
+    """
     if not entry.startswith("labctl-replica-"):
         return False
     if directory in lab.storage.values():

@@ -6,15 +6,15 @@ move of a linked desktop's disk, a recompose onto another image version) and eve
 step in LABCTL_CRASH_MATRIX=full, or a subset of steps in CI, a case kills labctl
 with SIGKILL right after the step and checks that the next apply (for the
 rebalance-again row, the next rebalance) converges to the inventory and leaves no
-orphan. Converged means the desktop is ready; a refreshed, moved or recomposed one
-keeps its UUID and MAC, and a recomposed one is on the new image version.
+orphan. Converged means that the desktop is ready. A refreshed, moved or recomposed
+desktop also keeps its UUID and MAC, and a recomposed one is on the new image version.
 scripts/crash-matrix runs every step and sums the results.
 
 Each operation has one inventory, rewritten per case with a new desktop name, so the
 apply deletes the previous case's desktop. Parent builds also get a new pool name per
-case, which gives a new parent key and so a new parent VM. The rebalance rows move
-one desktop back and forth between the test storage pool and a storage pool of their
-own; the recompose row rolls one desktop between two image versions of its own.
+case, which gives a new parent key and so a new parent VM. Each rebalance row moves
+one desktop back and forth between the test storage pool and a storage pool of its
+own. The recompose row rolls one desktop between two image versions of its own.
 """
 
 from __future__ import annotations

@@ -96,7 +96,8 @@ class DiskMove:
         pool = self.ctx.storage(self.target)
         image = self.image()
         # A replica this move uploads is named in the operation, so a rollback removes it
-        # once nothing uses it. Its volumes are not artifacts: gc must not take them apart.
+        # once nothing uses it. Its volumes are not artifacts, because gc would then
+        # delete a shared replica's volumes one by one.
         made_replica = (self.linked
                         and volumes.find_volume(pool, _replica_marker(image)) is None)
         new_disk = os.path.join(volumes.pool_path(pool), os_volume_name(self.name))
