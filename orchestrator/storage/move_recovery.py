@@ -121,6 +121,8 @@ def _delete_unused(ctx: HostContext, path: str) -> None:
 
 
 def _remove_replica(ctx: HostContext, storage_pool: str, base: str) -> None:
+    # NOTE: a replica whose upload was killed has no completion marker, so remove_unused
+    # skips it. The next upload into that storage pool replaces it.
     try:
         pool = ctx.conn.storagePoolLookupByName(storage_pool)
     except libvirt.libvirtError:
