@@ -26,8 +26,9 @@ from orchestrator.storage import replica
 
 log = logging.getLogger(__name__)
 
-# Operation kinds whose recorded artifacts belong to the operation's domain.
-DESKTOP_KINDS = ("provision", "parent-build")
+# Operation kinds whose recorded artifacts belong to the operation's domain. A move
+# names the desktop's disk in the storage pool it moved to.
+DESKTOP_KINDS = ("provision", "parent-build", "move")
 
 
 def find(inventory: str, hosts: Hosts,

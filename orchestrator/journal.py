@@ -9,8 +9,9 @@ there and removes or adopts the artifacts by name (see orchestrator/recovery.py)
 
 The journal is never the only record of a desktop: libvirt's domain metadata is. The
 journal records what an interrupted run was doing, on which host and storage pool.
-NOTE: finished operations are kept, because they let ``labctl gc`` prove that the
-volumes of a domain undefined by hand are labctl's. Nothing prunes them yet.
+Finished operations let ``labctl gc`` prove that the volumes of a domain undefined by
+hand are labctl's. ``prune`` deletes only finished operations whose proof a newer
+operation repeats, or whose desktop a finished removal deleted (see its docstring).
 
 Crash hook, for tests only: with ``LABCTL_CRASH_AFTER=STEP`` or ``STEP@DESKTOP``
 (DESKTOP is an fnmatch pattern, e.g. ``save@labctl-parent-*``) labctl sends itself
@@ -28,7 +29,7 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from orchestrator import paths
@@ -65,6 +66,11 @@ CREATE TABLE IF NOT EXISTS steps (
     PRIMARY KEY (operation, seq)
 );
 """
+
+# Pruning: a finished operation that proves nothing new goes once it is older than
+# PRUNE_AGE, or once the inventory has more than PRUNE_KEEP newer operations.
+PRUNE_AGE = timedelta(days=30)
+PRUNE_KEEP = 500
 
 # Operation states: "running" until the operation ends "done" or "failed" (its steps
 # were undone), or until a later run finds it interrupted and marks it "recovered".
@@ -233,6 +239,58 @@ def alive(pid: int) -> bool:
     # NOTE: a pid reused by an unrelated process makes the operation look alive; it is
     # recovered once that process ends.
     return True
+
+
+def prune(inventory: str, *, max_age: timedelta = PRUNE_AGE, keep: int = PRUNE_KEEP,
+          now: datetime | None = None) -> int:
+    """Delete the inventory's finished operations that gc no longer needs; return how many.
+
+    An operation may go if it is finished and either a newer operation of the same
+    kind, desktop, host, storage pool and artifact names exists, or its desktop's newest
+    operation is a removal that ended done. Such an operation is deleted once it
+    finished more than ``max_age`` ago, or once ``keep`` newer operations of the
+    inventory exist. Running operations and the newest proof of each artifact stay.
+    """
+    if not journal_path().exists():
+        return 0
+    cutoff = ((now or datetime.now(timezone.utc)) - max_age).isoformat(timespec="milliseconds")
+    with _connect() as db:
+        rows = db.execute(
+            "SELECT id, kind, desktop, uri, storage_pool, state, finished, data "
+            "FROM operations WHERE inventory = ? ORDER BY id DESC", (inventory,)).fetchall()
+        doomed = [row[0] for rank, row in enumerate(_prunable(rows))
+                  if row is not None and (rank >= keep or (row[6] or "") < cutoff)]
+        for start in range(0, len(doomed), 500):
+            chunk = doomed[start:start + 500]
+            marks = ", ".join("?" * len(chunk))
+            db.execute(f"DELETE FROM steps WHERE operation IN ({marks})", chunk)
+            db.execute(f"DELETE FROM operations WHERE id IN ({marks})", chunk)
+    if doomed:
+        log.info("journal: pruned %d finished operations of inventory %s", len(doomed),
+                 inventory)
+    return len(doomed)
+
+
+def _prunable(rows: list[tuple]) -> list[tuple | None]:
+    """Return ``rows`` (newest first) with None in place of those that must stay."""
+    seen: set[tuple] = set()
+    removed: set[tuple[str, str]] = set()  # (uri, desktop) whose newest operation removed it
+    newest: set[tuple[str, str]] = set()
+    result: list[tuple | None] = []
+    for row in rows:
+        _id, kind, desktop, uri, storage_pool, state, _finished, data = row
+        place = (uri, desktop)
+        if place not in newest:
+            newest.add(place)
+            if kind == "remove" and state == DONE:
+                removed.add(place)
+        artifacts = json.dumps(json.loads(data).get("artifacts", {}), sort_keys=True)
+        key = (kind, desktop, uri, storage_pool, artifacts)
+        repeated = key in seen
+        seen.add(key)
+        finished = state in (DONE, FAILED, RECOVERED)
+        result.append(row if finished and (repeated or place in removed) else None)
+    return result
 
 
 def crash_if_requested(desktop: str, step: str) -> None:

@@ -6,13 +6,13 @@ desktops move). Desktops in a storage pool that is not listed any more all move.
 desktop in use or suspended (managed save) is skipped with a message; the next
 rebalance moves it. Each move is one transaction (orchestrator.storage.move) under the
 host's maintenance throttle. A failed move leaves the desktop on its old disk, and the
-other moves go on.
+other moves go on. A move killed midway is a journal operation that the next ``labctl
+rebalance`` or ``labctl apply`` finishes or rolls back before it plans anything.
 """
 
 from __future__ import annotations
 
 import logging
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
 import libvirt
@@ -26,10 +26,8 @@ from orchestrator.plan import READY_TIMEOUT, Plan
 from orchestrator.provision.remove import remove_unused_bases
 from orchestrator.provision.steps import EventSink
 from orchestrator.recompose import check_pools
-from orchestrator.state import events, metadata
+from orchestrator.state import events
 from orchestrator.state.metadata import DesktopRecord
-from orchestrator.provision.desktop import os_volume_name
-from orchestrator.storage import pool as volumes
 from orchestrator.storage.move import DiskMove
 from orchestrator.storage.placement import storage_of
 
@@ -126,7 +124,6 @@ def _rebalance_pool(plan: Plan, pool_key: str, access_key: str, on_event: EventS
         )
     storage = pool.storage or [ctx.settings.storage_pool]
     desktops = _desktops(plan, pool_key)
-    _repair_interrupted_moves(ctx, desktops, on_event)
     paths = ctx.storage_paths()
     current = {name: storage_of(record.disk, paths) or record.disk
                for name, (_domain, record) in desktops.items()}
@@ -151,35 +148,6 @@ def _desktops(plan: Plan, pool_key: str) -> dict[str, tuple[libvirt.virDomain, D
         except libvirt.libvirtError:
             continue
     return found
-
-
-def _repair_interrupted_moves(ctx: HostContext, desktops: dict, on_event: EventSink) -> None:
-    """Finish what a killed move left: the record names the disk the domain uses, and the
-    other copy of that disk is deleted (the inventory's run lock keeps other moves out)."""
-    for name, (domain, record) in desktops.items():
-        used = os_disk_of(domain)
-        if used and used != record.disk:
-            log.warning("%s: its record named %s, but it uses %s", name, record.disk, used)
-            record.disk = used
-            metadata.write(domain, record)
-        for pool in ctx.existing_pools():
-            volume = volumes.find_volume(pool, os_volume_name(name))
-            if volume is None or volume.path() == record.disk:
-                continue
-            log.warning("%s: removing %s, left by an interrupted move", name, volume.path())
-            volumes.delete(pool, volume.name())
-            on_event(name, "rebalance", f"removed {volume.path()}, left by an interrupted move")
-
-
-def os_disk_of(domain: libvirt.virDomain) -> str:
-    """Return the file of the domain's OS disk (vda) in its persistent definition."""
-    root = ET.fromstring(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
-    for disk in root.iter("disk"):
-        target = disk.find("target")
-        source = disk.find("source")
-        if target is not None and target.get("dev") == "vda" and source is not None:
-            return source.get("file", "")
-    return ""
 
 
 def _pinned(desktops: dict, result: RebalanceResult) -> set[str]:

@@ -13,6 +13,8 @@ recorded, and either adopts it or lists it as a leftover to remove:
   domain or volume uses it.
 - a refresh that removed the old domain and made no new one defines the old
   definition again, marked failed, so the desktop keeps its name, UUID and MAC.
+- a disk move (rebalance) is rolled back to the old disk, or finished once the copy
+  was started (see storage/move_recovery.py).
 
 Other operation kinds register their own finder with ``register``.
 """
@@ -174,7 +176,12 @@ def live_artifacts() -> set[str]:
 
 def recover_inventory(inventory: str, on_event, *, dry_run: bool = False,
                       hosts: Hosts | None = None) -> list[Leftover]:
-    """Recover the inventory's unfinished operations; the caller holds its run lock."""
+    """Recover the inventory's unfinished operations; the caller holds its run lock.
+
+    Old finished operations that gc no longer needs are pruned first (journal.prune).
+    """
+    if not dry_run:
+        journal.prune(inventory)
     operations = journal.unfinished(inventory)
     if not operations:
         return []
@@ -188,7 +195,7 @@ def recover_inventory(inventory: str, on_event, *, dry_run: bool = False,
 def find_desktop_leftovers(sweep: Sweep, ctx: HostContext, operation: journal.Operation) -> None:
     """Leftovers of a desktop's provisioning (and the default for unknown kinds)."""
     name = operation.artifacts.domain
-    domain = _lookup(ctx, name)
+    domain = lookup_domain(ctx, name)
     record = metadata.read(domain) if domain is not None else None
     if record is not None and record.inventory == operation.inventory:
         if record.state in KEPT_STATES:
@@ -202,7 +209,7 @@ def find_desktop_leftovers(sweep: Sweep, ctx: HostContext, operation: journal.Op
 def find_parent_leftovers(sweep: Sweep, ctx: HostContext, operation: journal.Operation) -> None:
     """Leftovers of a parent VM's build: all of it, unless the parent is usable or used."""
     name = operation.artifacts.domain
-    domain = _lookup(ctx, name)
+    domain = lookup_domain(ctx, name)
     record = parent.read_record(domain) if domain is not None else None
     if record is not None and record.inventory == operation.inventory:
         if parent.usable(record):
@@ -228,7 +235,7 @@ def find_refresh_leftovers(sweep: Sweep, ctx: HostContext, operation: journal.Op
 
     name = operation.artifacts.domain
     uri = ctx.settings.uri
-    exists = _lookup(ctx, name) is not None and (uri, name) not in sweep.removed_domains
+    exists = lookup_domain(ctx, name) is not None and (uri, name) not in sweep.removed_domains
     definition = operation.data.get("definition", "")
     if exists or not definition:
         return
@@ -237,11 +244,20 @@ def find_refresh_leftovers(sweep: Sweep, ctx: HostContext, operation: journal.Op
                        lambda: define_failed(ctx, definition)))
 
 
+def find_move_leftovers(sweep: Sweep, ctx: HostContext, operation: journal.Operation) -> None:
+    """Finish or roll back an interrupted disk move (see storage/move_recovery.py)."""
+    from orchestrator.storage import move_recovery  # it imports this module
+
+    move_recovery.find_move_leftovers(sweep, ctx, operation)
+
+
 register("parent-build", find_parent_leftovers)
 register("refresh", find_refresh_leftovers)
+register("move", find_move_leftovers)
 
 
-def _lookup(ctx: HostContext, name: str) -> libvirt.virDomain | None:
+def lookup_domain(ctx: HostContext, name: str) -> libvirt.virDomain | None:
+    """Return the domain ``name`` of the host, or None if there is none."""
     if not name:
         return None
     try:

@@ -4,8 +4,12 @@ A case kills labctl (LABCTL_CRASH_AFTER, SIGKILL) right after one step of one
 operation, then runs `labctl apply` and checks that the inventory converged. Nothing
 else may be left: no domain, volume, state file (save image), RAM file, FIFO or open
 journal operation beyond those of the inventory's desktops and usable parent VMs.
-The orphan scan reads libvirt, the storage pool's directory, the RAM directory and
+The orphan scan reads libvirt, the storage pools' directories, the RAM directory and
 the FIFO directory; it derives parent names from the inventory, never from the journal.
+A lab with a second storage pool (rebalance) also counts a desktop's disk in the
+directory its domain does not use, and a replica there that no desktop needs, as
+orphans. A lab with its own image versions (recompose) counts a replica of a version
+its desktop is not on as an orphan.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import xml.etree.ElementTree as ET
 
 import libvirt
 import yaml
@@ -46,6 +52,8 @@ CHILD_STEPS = ("check", "parent", "identity", "os-disk", "seed", "clone", "clone
                "verify", "persist", "ready", "record")
 PARENT_STEPS = ("check", "identity", "os-disk", "seed", "define", "start", "ready", "prepare",
                 "save", "freeze", "record")
+MOVE_STEPS = ("space", "shutdown", "copy", "verify", "redefine", "start", "remove-old")
+REFRESH_STEPS = ("remove-old", *DESKTOP_STEPS, "provision")
 
 
 @dataclass(frozen=True)
@@ -58,8 +66,11 @@ class Operation:
     method: str = ""
     steps: tuple[str, ...] = ()
     ci_steps: tuple[str, ...] = ()
-    # "apply" provisions; "refresh" re-creates an existing desktop.
+    # "apply" provisions; "refresh" re-creates an existing desktop; "rebalance" moves its
+    # disk to the other storage pool; "recompose" re-creates it on the other image version.
     command: str = "apply"
+    # The command run after the killed one, which must converge.
+    then: str = "apply"
     # A parent build crashes in the parent VM, which each case builds anew.
     in_parent: bool = False
     # A deletion crashes while apply removes the previous case's desktop.
@@ -74,10 +85,16 @@ OPERATIONS = (
     Operation("fork-parent", "instant", "fork", PARENT_STEPS, ("save",), in_parent=True),
     Operation("restore-parent", "instant", "restore", PARENT_STEPS, ("start",),
               in_parent=True),
-    Operation("refresh-linked", "linked", steps=("remove-old", *DESKTOP_STEPS, "provision"),
+    Operation("refresh-linked", "linked", steps=REFRESH_STEPS,
               ci_steps=("remove-old",), command="refresh"),
     Operation("refresh-fork", "instant", "fork", ("remove-old", *CHILD_STEPS, "provision"),
               ci_steps=("clone",), command="refresh"),
+    Operation("rebalance", "linked", steps=MOVE_STEPS, ci_steps=("redefine",),
+              command="rebalance"),
+    Operation("rebalance-again", "linked", steps=MOVE_STEPS, ci_steps=("start",),
+              command="rebalance", then="rebalance"),
+    Operation("recompose", "linked", steps=REFRESH_STEPS, ci_steps=("define",),
+              command="recompose"),
     Operation("delete", "linked", steps=("undefine", "volumes"), ci_steps=("undefine",),
               in_previous=True),
 )
@@ -115,13 +132,24 @@ class Lab:
     prefix: str
     parent_keys: set[str] = field(default_factory=set)
     retries: int = 0
+    # Storage pools besides the test pool (name: directory) that the lab made.
+    storage: dict[str, str] = field(default_factory=dict)
+    # Image versions of the lab's own catalog entry (ref: ImageVersion), and the ref its
+    # desktop must be on.
+    versions: dict = field(default_factory=dict)
+    expected_image: str = ""
+    images: dict = field(default_factory=lambda: {"tiny": {"build": "tiny"}})
 
     def write(self, pools: dict) -> None:
+        host = {"uri": URI, "limits": {"provisioning": 1},
+                "storage": {"pool": TEST_POOL, "path": TEST_POOL_PATH}}
+        if self.storage:
+            host["storage_pools"] = [{"pool": name, "path": path}
+                                     for name, path in self.storage.items()]
         document = {
             "name": self.name,
-            "hosts": {"local": {"uri": URI, "limits": {"provisioning": 1},
-                                "storage": {"pool": TEST_POOL, "path": TEST_POOL_PATH}}},
-            "images": {"tiny": {"build": "tiny"}},
+            "hosts": {"local": host},
+            "images": self.images,
             "networks": {"lab": {"mode": "user"}},
             "pools": pools,
         }
@@ -190,19 +218,19 @@ def inventory_parent_keys(path: Path) -> set[str]:
         made.close()
 
 
-def desktop_problems(name: str,
-                     identity: tuple[str, str] | None = None) -> list[str]:
+def desktop_problems(name: str, identity: tuple[str, str] | None = None,
+                     image: str = "") -> list[str]:
     """Return why desktop ``name`` is not ready (and, with ``identity``, not the same UUID
-    and MAC); an empty list when it is."""
+    and MAC; with ``image``, not on that image ref); an empty list when it is."""
     def check() -> list[str]:
         with connection() as conn:
-            return _desktop_problems(conn, name, identity)
+            return _desktop_problems(conn, name, identity, image)
 
     return retrying(check)
 
 
 def _desktop_problems(conn: libvirt.virConnect, name: str,
-                      identity: tuple[str, str] | None) -> list[str]:
+                      identity: tuple[str, str] | None, image: str) -> list[str]:
     try:
         domain = conn.lookupByName(name)
     except libvirt.libvirtError:
@@ -218,6 +246,8 @@ def _desktop_problems(conn: libvirt.virConnect, name: str,
     if identity is not None and (domain.UUIDString(), record.mac) != identity:
         problems.append(f"desktop {name} lost its identity: {identity} became "
                         f"{(domain.UUIDString(), record.mac)}")
+    if image and record.image != image:
+        problems.append(f"desktop {name} is on image {record.image}, not {image}")
     return problems
 
 
@@ -242,22 +272,55 @@ def _orphans(conn: libvirt.virConnect, lab: Lab, desktops: list[str]) -> list[st
                                                                record.state_file,
                                                                record.ram_file) if path}
     found = []
+    disks = set()
     for domain in conn.listAllDomains(0):
         name = domain.name()
         if name.startswith(lab.prefix) and name not in desktops:
             found.append(f"domain {name}")
         if _has_key(name, lab.parent_keys) and name not in usable:
             found.append(f"domain {name}")
-    for directory in (TEST_POOL_PATH, fork.RAM_DIR, FIFO_DIR):
+        if name in desktops:
+            disks |= _disk_files(domain)
+    for directory in (TEST_POOL_PATH, *lab.storage.values(), fork.RAM_DIR, FIFO_DIR):
         if not os.path.isdir(directory):
             continue
         for entry in os.listdir(directory):
             ours = f"-{lab.prefix}" in entry or _has_key(entry, lab.parent_keys)
             if ours and entry not in keep_files:
                 found.append(f"file {directory}/{entry}")
+            elif ours and lab.storage and entry.endswith("-os.qcow2") and (
+                    f"{directory}/{entry}" not in disks):
+                found.append(f"file {directory}/{entry} (a copy its desktop does not use)")
+            elif _unused_replica(lab, directory, entry, disks):
+                found.append(f"file {directory}/{entry} (a replica no desktop needs)")
     found += [f"journal operation {op.id} ({op.kind} of {op.desktop}) still running"
               for op in journal.operations(inventory=lab.name, state=journal.RUNNING)]
     return found
+
+
+def _disk_files(domain: libvirt.virDomain) -> set[str]:
+    """Return the files of the domain's disks and their backing chains, in both its
+    persistent and its running definition."""
+    files = set()
+    for flags in (0, libvirt.VIR_DOMAIN_XML_INACTIVE):
+        root = ET.fromstring(domain.XMLDesc(flags))
+        files |= {source.get("file", "") for source in root.iter("source")}
+    return files - {""}
+
+
+def _unused_replica(lab: Lab, directory: str, entry: str, disks: set[str]) -> bool:
+    """Return whether ``entry`` is a replica of the lab that its desktop does not need.
+
+    That is any replica in the lab's own storage pool when no desktop disk is there. It
+    is also a replica of one of the lab's image versions other than the desktop's.
+    """
+    if not entry.startswith("labctl-replica-"):
+        return False
+    if directory in lab.storage.values():
+        return not any(os.path.dirname(disk) == directory for disk in disks)
+    version = entry.removeprefix("labctl-replica-").split(".")[0]
+    current = lab.expected_image.rpartition("@")[2]
+    return version in {v.version for v in lab.versions.values()} and version != current
 
 
 def _has_key(name: str, keys: set[str]) -> bool:
@@ -266,7 +329,7 @@ def _has_key(name: str, keys: set[str]) -> bool:
 
 def run_case(lab: Lab, operation: Operation, step: str, desktop: str,
              before: Callable[[], tuple[str, str] | None], crash_in: str = "") -> CaseResult:
-    """Kill labctl after ``step``, apply again, and check convergence and orphans.
+    """Kill labctl after ``step``, run the next command, and check convergence and orphans.
 
     ``before`` prepares the lab for the case and returns the identity a refresh must
     keep (None for the other operations). The crash hits ``crash_in`` (a parent VM's
@@ -277,20 +340,19 @@ def run_case(lab: Lab, operation: Operation, step: str, desktop: str,
     identity = before()
     target = f"{step}@{crash_in or desktop}"
     problems: list[str] = []
-    if operation.command == "refresh":
-        crashed = lab.labctl("refresh", str(lab.path), desktop, crash=target)
-    else:
-        crashed = lab.labctl("apply", str(lab.path), crash=target)
+    extra = [desktop] if operation.command == "refresh" else []
+    crashed = lab.labctl(operation.command, str(lab.path), *extra, crash=target)
     killed = crashed.returncode == KILLED
     if not killed:
         problems.append(f"labctl {operation.command} with {target} was not killed: "
                         f"exit {crashed.returncode}\n{crashed.stdout[-2000:]}"
                         f"\n{crashed.stderr[-2000:]}")
-    applied = lab.labctl("apply", str(lab.path))
+    applied = lab.labctl(operation.then, str(lab.path))
     if applied.returncode != 0:
-        problems.append(f"the apply after the crash failed: exit {applied.returncode}\n"
-                        f"{applied.stdout[-2000:]}\n{applied.stderr[-2000:]}")
-    desktop_state = desktop_problems(desktop, identity)
+        problems.append(f"the {operation.then} after the crash failed: exit "
+                        f"{applied.returncode}\n{applied.stdout[-2000:]}\n"
+                        f"{applied.stderr[-2000:]}")
+    desktop_state = desktop_problems(desktop, identity, lab.expected_image)
     return CaseResult(operation.name, step, killed, not desktop_state,
                       orphans(lab, [desktop]), problems + desktop_state,
                       round(time.monotonic() - started, 1), lab.retries - retries_before)

@@ -58,7 +58,7 @@ def test_plan_moves_nothing_when_balanced():
 # A real rebalance.
 
 
-def _pool_storage(conn: libvirt.virConnect, name: str, path: str) -> None:
+def remove_storage_pool(conn: libvirt.virConnect, name: str, path: str) -> None:
     """Stop, empty and undefine a storage pool this test made."""
     with contextlib.suppress(libvirt.libvirtError):
         storage = conn.storagePoolLookupByName(name)
@@ -85,8 +85,8 @@ def spare_storage(conn):
     try:
         yield {plain: plain_path, small: small_path}
     finally:
-        _pool_storage(conn, plain, plain_path)
-        _pool_storage(conn, small, small_path)
+        remove_storage_pool(conn, plain, plain_path)
+        remove_storage_pool(conn, small, small_path)
         subprocess.run(["nsenter", "-t", libvirtd, "-m", "umount", small_path], check=False)
         with contextlib.suppress(OSError):
             os.rmdir(small_path)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from orchestrator import locks, output
+from orchestrator import locks, output, recovery
 from orchestrator.inventory import load_inventory
 from orchestrator.plan import make_plan
 from orchestrator.rebalance import rebalance
@@ -41,6 +41,9 @@ def _run_locked(args: argparse.Namespace, work) -> dict:
     printer = output.EventPrinter(json_lines=args.output == "json")
     with locks.exclusive_run(f"inventory:{inventory.name}",
                              f"run on inventory {inventory.name}"):
+        # A killed recompose or rebalance left journal operations: finish or roll them
+        # back first, so the plan sees the desktops as they are after that.
+        recovery.recover_inventory(inventory.name, printer)
         plan = make_plan(inventory, build_images=True,
                          progress=lambda message: printer("image", "build", message))
         try:

@@ -7,6 +7,10 @@ verified with ``qemu-img info --backing-chain`` and ``qemu-img check``. Then the
 is redefined with the new path, started again if it ran, and awaited until ready. Only
 then is the old disk deleted. A failing step undoes the earlier ones, so the desktop is back on its
 old disk. The NoCloud seed stays where it is: it is small and read-only.
+
+The move is a journal operation of kind ``move``: its steps are recorded, with the old
+definition, both disk paths and whether the desktop ran, so the next ``labctl apply`` or
+``labctl rebalance`` finishes or rolls back a killed move (see move_recovery.py).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import libvirt
 
+from orchestrator import journal
 from orchestrator.errors import GuestError, LabctlError, StorageError
 from orchestrator.guest import agent
 from orchestrator.hosts.context import HostContext
@@ -38,6 +43,7 @@ from orchestrator.storage.replica import Replica, ensure_replica, replica_lock
 
 log = logging.getLogger(__name__)
 
+KIND = "move"  # the journal operation kind of a disk move
 SHUTDOWN_TIMEOUT = 120.0  # seconds a guest gets to power off before it is destroyed
 
 ET.register_namespace("qemu", "http://libvirt.org/schemas/domain/qemu/1.0")
@@ -81,8 +87,28 @@ class DiskMove:
     def run(self) -> str:
         """Move the disk; return its new path."""
         self.old_xml = self.domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
-        run_steps(self.name, self.steps(), self.on_event)
+        self.was_running = bool(self.domain.isActive())
+        run_steps(self.name, self.steps(), self.on_event, self.begin())
         return self.new_disk
+
+    def begin(self) -> journal.Operation:
+        """Record the move in the journal before its first step runs."""
+        pool = self.ctx.storage(self.target)
+        image = self.image()
+        # A replica this move uploads is named in the operation, so a rollback removes it
+        # once nothing uses it. Its volumes are not artifacts, because gc would then
+        # delete a shared replica's volumes one by one.
+        made_replica = (self.linked
+                        and volumes.find_volume(pool, _replica_marker(image)) is None)
+        new_disk = os.path.join(volumes.pool_path(pool), os_volume_name(self.name))
+        return journal.begin(
+            KIND, inventory=self.record.inventory, desktop=self.name, host=self.record.host,
+            uri=self.ctx.settings.uri, storage_pool=self.target,
+            artifacts=journal.Artifacts(domain=self.name,
+                                        volumes=(os_volume_name(self.name),)),
+            data={"definition": self.old_xml, "old_disk": self.record.disk,
+                  "new_disk": new_disk, "was_running": self.was_running,
+                  "replica": f"labctl-replica-{image.version}" if made_replica else ""})
 
     # -- steps ---------------------------------------------------------------------
 
@@ -106,8 +132,7 @@ class DiskMove:
             )
 
     def shut_down(self) -> None:
-        self.was_running = bool(self.domain.isActive())
-        if self.was_running:
+        if self.domain.isActive():
             with self.ctx.power:
                 shut_down(self.domain, timeout=SHUTDOWN_TIMEOUT)
 
