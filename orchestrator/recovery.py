@@ -69,13 +69,28 @@ class Hosts:
         if key not in self.contexts:
             ctx = open_host(HostSettings(uri=uri, storage_pool=storage_pool), probe=False)
             # Only an existing pool: recovery must never define one at a default path.
-            ctx._pool = ctx.existing_pool()
+            ctx._pool = _active_or_none(ctx.existing_pool(), uri)
             self.contexts[key] = ctx
         return self.contexts[key]
 
     def close(self) -> None:
         for ctx in self.contexts.values():
             ctx.close()
+
+
+def _active_or_none(pool: libvirt.virStoragePool | None,
+                    uri: str) -> libvirt.virStoragePool | None:
+    """Return ``pool`` if it is active; an inactive one cannot list its volumes."""
+    if pool is None:
+        return None
+    try:
+        if pool.isActive():
+            return pool
+    except libvirt.libvirtError:
+        return None
+    log.warning("storage pool %s on %s is not active, so its volumes were not checked: "
+                "start it (virsh pool-start %s) and run again", pool.name(), uri, pool.name())
+    return None
 
 
 @dataclass

@@ -111,3 +111,23 @@ def test_gc_removes_crash_leftovers(make_inventory, conn, foreign):
     # Replicas are shared with other tests, which may stop using one at any moment.
     left = [item for item in json.loads(again.stdout)["leftovers"] if item["kind"] != "replica"]
     assert left == [], f"a second gc still finds leftovers: {left}"
+
+
+def test_gc_skips_inactive_storage_pool(conn, tmp_path):
+    """A journal naming a storage pool that is defined but stopped: gc warns, goes on."""
+    name = unique_name("gi")
+    storage = conn.storagePoolDefineXML(
+        f"<pool type='dir'><name>{name}</name><target><path>{tmp_path}</path></target></pool>")
+    desktop = f"{name}1"
+    operation = journal.begin(
+        "provision", inventory=name, desktop=desktop, host="local", uri=URI,
+        storage_pool=name,
+        artifacts=journal.Artifacts(domain=desktop, volumes=(f"labctl-{desktop}-os.qcow2",)))
+    journal.finish(operation, "done")
+    try:
+        listed = run_labctl("gc", "--dry-run", "-o", "json", timeout=COMMAND_TIMEOUT)
+    finally:
+        storage.undefine()
+    assert listed.returncode == 0, describe(listed)
+    assert f"storage pool {name} on {URI} is not active" in listed.stderr, describe(listed)
+    assert "virsh pool-start" in listed.stderr, describe(listed)
