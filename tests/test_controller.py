@@ -167,17 +167,41 @@ def test_unreachable_host_logged_once(tmp_path, private_state, caplog):
     socket = tmp_path / "no-libvirtd.sock"
     path = write_inventory(tmp_path / "ctl.yaml", {"lab": tiny_pool("v", 1)},
                            uri=f"qemu+unix:///system?socket={socket}")
-    controller = Controller(path, lambda *event: None, lambda report: None)
-    with caplog.at_level("ERROR", logger="orchestrator.controller"):
-        first = controller.run_pass()
-        second = controller.run_pass()
-    assert "cannot connect to libvirt" in first.error
-    assert second.error == first.error
-    errors = [record.getMessage() for record in caplog.records]
-    assert len(errors) == 1, f"a lasting error must be logged once: {errors}"
-    assert "retrying at the next pass" in errors[0]
+    controller = Controller(path, lambda *event: None, lambda report: None, interval=2)
+    waits = []
+    with caplog.at_level("WARNING"):
+        for _ in range(3):
+            report = controller.run_pass()
+            waits.append(controller.outage.wait)
+    assert "cannot connect to libvirt" in report.error
+    logged = [(record.levelname, record.getMessage()) for record in caplog.records]
+    assert len(logged) == 1, f"a lasting outage must be logged once: {logged}"
+    assert logged[0][0] == "WARNING", f"an unreachable libvirtd is no error: {logged}"
+    assert logged[0][1].startswith(f"host local (qemu+unix:///system?socket={socket}): lost "
+                                   "the connection to libvirtd"), logged
+    assert waits == [2, 4, 8], f"the passes must back off while libvirtd is down: {waits}"
+    kinds = [event.kind for event in events.recent("ctl")]
+    assert kinds.count("host-lost") == 1, kinds
+    assert "pass-failed" not in kinds, kinds
     with pytest.raises(HostError):
         controller.run_pass(raise_errors=True)
+
+
+def test_reconnect_resets_the_wait(tmp_path, private_state, caplog):
+    """A pass that reaches libvirtd again logs it once and goes back to the interval."""
+    path = write_inventory(tmp_path / "ctl.yaml", {"lab": tiny_pool("v", 1)})
+    controller = Controller(path, lambda *event: None, lambda report: None, interval=2)
+    controller.outage.lost(["local (qemu:///system)"], "Cannot recv data", now=0)
+    assert controller.outage.wait == 2
+    controller.outage.lost(["local (qemu:///system)"], "Cannot recv data", now=2)
+    assert controller.outage.wait == 4
+    with caplog.at_level("INFO", logger="orchestrator.outage"):
+        controller.outage.reached()
+        controller.outage.reached()
+    back = [record.getMessage() for record in caplog.records if record.levelname == "INFO"]
+    assert back == ["host local (qemu:///system): connected to libvirtd again after 2 failed "
+                    "passes"], back
+    assert controller.outage.wait == 2, "the wait must go back to the interval"
 
 
 def test_busy_inventory_skips_pass(tmp_path, private_state):

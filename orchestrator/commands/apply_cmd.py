@@ -11,10 +11,10 @@ import libvirt
 
 from orchestrator import bench_instant, locks, output, recovery
 from orchestrator import status as status_module
-from orchestrator.apply import apply_plan, refresh_desktops
+from orchestrator.apply import ApplyResult, apply_plan, refresh_desktops
 from orchestrator.bench import run_bench, summarize
 from orchestrator.errors import LabctlError
-from orchestrator.hosts.connection import libvirt_failure
+from orchestrator.hosts.connection import RECONNECT_FIX, libvirt_failure
 from orchestrator.hosts.context import HostSettings
 from orchestrator.images import recipes
 from orchestrator.inventory import load_inventory
@@ -157,6 +157,7 @@ def _apply(args: argparse.Namespace, inventory) -> int:
                                             "deleted": result.deleted,
                                             "skipped": result.skipped,
                                             "held": result.held,
+                                            "unreached": result.unreached,
                                             "failed": failed}) + "\n")
     elif data is not None:
         _print_status(data)
@@ -166,12 +167,26 @@ def _apply(args: argparse.Namespace, inventory) -> int:
             print(f"{name}: out of date (image or identity changed); run 'labctl apply "
                   f"--replace {args.inventory}' to re-create it")
         _print_access(args.inventory, data)
-    for name, error in result.failed.items():
-        print(f"labctl: error: {error}", file=sys.stderr)
+    _print_failed(result)
     if result.held:
         print(f"labctl: not made because their pool stopped: {', '.join(sorted(result.held))}",
               file=sys.stderr)
-    return 1 if result.failed else 0
+    return 1 if result.failed or result.unreached else 0
+
+
+def _print_failed(result: ApplyResult) -> None:
+    """Print one line per failed desktop; the fix for a lost libvirtd only once, last."""
+    lost = False
+    for error in result.failed.values():
+        if error.fix == RECONNECT_FIX:
+            lost = True
+            error = LabctlError(error.message, where=error.where)
+        print(f"labctl: error: {error}", file=sys.stderr)
+    if result.unreached:
+        print("labctl: not tried because the connection to libvirtd broke: "
+              f"{', '.join(sorted(result.unreached))}", file=sys.stderr)
+    if lost or result.unreached:
+        print(f"labctl: error: {RECONNECT_FIX}", file=sys.stderr)
 
 
 def _say(args: argparse.Namespace, text: str) -> None:
@@ -261,9 +276,8 @@ def run_refresh(args: argparse.Namespace) -> int:
             result = refresh_desktops(plan, args.desktops, printer)
         finally:
             plan.close()
-    for name, error in result.failed.items():
-        print(f"labctl: error: {error}", file=sys.stderr)
-    return 1 if result.failed else 0
+    _print_failed(result)
+    return 1 if result.failed or result.unreached else 0
 
 
 def run_destroy(args: argparse.Namespace) -> int:
