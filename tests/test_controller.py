@@ -26,11 +26,14 @@ from conftest import REPO, TEST_POOL, TEST_POOL_PATH, URI, run_labctl, unique_na
 from test_apply_tiny import APPLY_TIMEOUT, describe_run, forget_local_state, pool_volume_names
 
 from orchestrator import cli
-from orchestrator.apply import ApplyResult
+from orchestrator.commands import apply_cmd
+from orchestrator.apply import ApplyResult, HostLost, LostHosts, PoolStops
 from orchestrator.backoff import Backoff
 from orchestrator.cancel import Cancelled
 from orchestrator.controller import Controller, InventorySource, hold_actions, inventory_lock
 from orchestrator.errors import HostError, LabctlError
+from orchestrator.hosts.connection import RECONNECT_FIX, lost_libvirtd
+from orchestrator.inventory import load_inventory
 from orchestrator.plan import Action, Plan
 from orchestrator.provision.steps import StepFailed
 from orchestrator.state import events, metadata
@@ -127,6 +130,80 @@ def test_failure_stops_pool_or_backs_off(tmp_path, private_state):
     kinds = [(event.kind, event.desktop) for event in events.recent("ctl")]
     assert ("stopped", "s1") in kinds
     assert ("retry", "l1") in kinds
+
+
+def rpc_error(message: str = "Cannot recv data: Connection reset by peer") -> libvirt.libvirtError:
+    """A libvirt error of a broken connection, as libvirt raises when libvirtd goes away."""
+    error = libvirt.libvirtError(message)
+    error.err = (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_FROM_RPC, message, 2, None, None,
+                 None, -1, -1)
+    return error
+
+
+def lost_step(desktop: str) -> StepFailed:
+    try:
+        raise StepFailed(desktop, "start", rpc_error())
+    except StepFailed as exc:
+        return exc
+
+
+def test_lost_libvirtd_is_no_desktop_failure(tmp_path, private_state):
+    """A libvirtd restart must neither stop a strict pool nor back its desktops off."""
+    path = write_inventory(tmp_path / "ctl.yaml", {"strict": tiny_pool("s", 1)})
+    controller = Controller(path, lambda *event: None, lambda report: None, clock=lambda: 0.0)
+    plan = fake_plan(("create", "s1", "strict"))
+    assert lost_libvirtd(lost_step("s1")), "a step failed on a broken connection"
+    driver = libvirt.libvirtError("disk full")
+    driver.err = (1, libvirt.VIR_FROM_STORAGE, "disk full", 2, None, None, None, -1, -1)
+    assert not lost_libvirtd(StepFailed("s1", "disk", driver)), "a driver error is the call's"
+    controller._learn(controller.inventory, plan, ApplyResult(failed={"s1": lost_step("s1")}))
+    assert events.stopped_pools("ctl") == {}
+    assert controller.backoff.remaining("s1", now=0) == 0
+
+
+def test_apply_records_stopped_event_once(tmp_path, private_state):
+    """apply stops a strict pool at its first provisioning error and records it once; a
+    lost libvirtd stops nothing."""
+    path = write_inventory(tmp_path / "ctl.yaml", {"strict": tiny_pool("s", 3)})
+    plan = Plan(inventory=load_inventory(path), hosts={})
+    stops = PoolStops(plan)
+    first, second, third = (Action("create", f"s{n}", "strict", "local") for n in (1, 2, 3))
+    stops.failed(first, lost_step("s1"))
+    assert events.stopped_pools("ctl") == {}, "a lost libvirtd must not stop the pool"
+    stops.failed(second, LabctlError("step 'seed' failed: disk full", where="s2"))
+    stops.failed(third, LabctlError("step 'seed' failed: disk full", where="s3"))
+    kinds = [(event.kind, event.pool, event.desktop) for event in events.recent("ctl")]
+    assert kinds == [("stopped", "strict", "s2")], f"one stopped event expected: {kinds}"
+    # The controller learns the same failure after apply: still one event.
+    controller = Controller(path, lambda *event: None, lambda report: None, clock=lambda: 0.0)
+    controller._learn(controller.inventory, fake_plan(("create", "s2", "strict")),
+                      ApplyResult(failed={"s2": LabctlError("step 'seed' failed: disk full")}))
+    assert [event.kind for event in events.recent("ctl")] == ["stopped"]
+
+
+def test_lost_host_skips_the_rest():
+    lost = LostHosts()
+    action = Action("create", "a2", "lab", "local")
+    assert not lost.failed("local", LabctlError("step 'seed' failed: disk full"))
+    lost.check(action)
+    assert lost.failed("local", lost_step("a1"))
+    with pytest.raises(HostLost, match="a2: not tried"):
+        lost.check(action)
+    lost.check(Action("create", "b1", "lab", "other"))  # another host goes on
+
+
+def test_lost_libvirtd_fix_printed_once(capsys):
+    result = ApplyResult(failed={"a1": lost_step("a1"), "a2": lost_step("a2")},
+                         unreached=["a4", "a3"])
+    apply_cmd._print_failed(result)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[:2] == ["labctl: error: a1: step 'start' failed: Cannot recv data: "
+                         "Connection reset by peer",
+                         "labctl: error: a2: step 'start' failed: Cannot recv data: "
+                         "Connection reset by peer"], lines
+    assert lines[2] == "labctl: not tried because the connection to libvirtd broke: a3, a4"
+    assert lines[3] == f"labctl: error: {RECONNECT_FIX}"
+    assert len(lines) == 4, lines
 
 
 def test_start_failure_backs_off_in_strict_pool(tmp_path, private_state):
