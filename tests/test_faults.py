@@ -35,6 +35,8 @@ COMMAND_TIMEOUT = 600
 # few desktops, small enough to fill in a moment.
 FILESYSTEM_BYTES = 192 << 20
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ ")
+# Seconds libvirtd stays stopped while a controller runs (passes every 2 s).
+LIBVIRTD_DOWN = 10
 # What a desktop on the tiny image needs besides the replica: overlay and seed, with room.
 DESKTOP_BYTES = 4 << 20
 
@@ -341,7 +343,8 @@ def test_controller_survives_libvirtd_restart(private_pool):
         while made != set(names):
             made.update(controller.wait_for("pass that made a desktop", lambda line: is_pass(
                 line) and bool(line["created"]), timeout=COMMAND_TIMEOUT)["created"])
-        restart_libvirtd()
+        # Down long enough for several passes at a 2 s interval to meet no libvirtd.
+        restart_libvirtd(down_for=LIBVIRTD_DOWN)
         conn = libvirt.open(URI)
         try:
             delete_behind_back(conn, names[0])
@@ -349,15 +352,19 @@ def test_controller_survives_libvirtd_restart(private_pool):
             conn.close()
         controller.wait_for(f"pass that re-created {names[0]}", lambda line: is_pass(line) and (
             names[0] in line["created"]), timeout=COMMAND_TIMEOUT)
+        print(controller.describe())  # shown by pytest -rP: the passes around the restart
         assert controller.process.poll() is None, f"the controller ended\n{controller.describe()}"
-        stderr = "".join(controller.stderr)
-        assert "Traceback" not in stderr, controller.describe()
+        assert "Traceback" not in "".join(controller.stderr), controller.describe()
         warnings = [line for line in controller.stderr
                     if " WARNING " in line and "lost the connection to libvirtd" in line]
-        assert len(warnings) <= 1, f"one warning per outage expected: {warnings}"
-        for line in warnings:
-            assert f"host local ({URI})" in line, f"the warning must name the host: {line}"
-        print(controller.describe())  # shown by pytest -rP: the passes around the restart
+        assert len(warnings) == 1, f"one warning per outage expected: {warnings}"
+        assert f"host local ({URI})" in warnings[0], "the warning must name the host"
+        failed = [line for line in controller.seen if is_pass(line) and line["error"]]
+        assert failed, "no pass met the stopped libvirtd"
+        # Passes at 2, 4, 8 s... meet the outage: no busy loop.
+        assert len(failed) <= 4, f"{len(failed)} passes in {LIBVIRTD_DOWN} s: no backoff"
+        assert any("connected to libvirtd again" in line for line in controller.stderr), \
+            controller.describe()
         assert controller.stop() == 0, controller.describe()
     finally:
         controller.close()

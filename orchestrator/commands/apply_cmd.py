@@ -14,7 +14,7 @@ from orchestrator import status as status_module
 from orchestrator.apply import ApplyResult, apply_plan, refresh_desktops
 from orchestrator.bench import run_bench, summarize
 from orchestrator.errors import LabctlError
-from orchestrator.hosts.connection import RECONNECT_FIX, libvirt_failure
+from orchestrator.hosts.connection import RECONNECT_FIX, libvirt_failure, lost_libvirtd
 from orchestrator.hosts.context import HostSettings
 from orchestrator.images import recipes
 from orchestrator.inventory import load_inventory
@@ -178,9 +178,10 @@ def _print_failed(result: ApplyResult) -> None:
     """Print one line per failed desktop; the fix for a lost libvirtd only once, last."""
     lost = False
     for error in result.failed.values():
-        if error.fix == RECONNECT_FIX:
+        if lost_libvirtd(error):
             lost = True
-            error = LabctlError(error.message, where=error.where)
+            if error.fix == RECONNECT_FIX:
+                error = LabctlError(error.message, where=error.where)
         print(f"labctl: error: {error}", file=sys.stderr)
     if result.unreached:
         print("labctl: not tried because the connection to libvirtd broke: "
