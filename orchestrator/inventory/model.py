@@ -32,6 +32,7 @@ from orchestrator.inventory.fields import (
     PosixUser,
     ShellPath,
     SshPublicKey,
+    StoragePath,
     TimeZone,
     labctl_error,
     size_type,
@@ -63,7 +64,7 @@ class StoragePool(StrictModel):
     """The libvirt directory storage pool of a host; labctl creates it at ``path`` if missing."""
 
     pool: Key = DEFAULT_STORAGE_POOL
-    path: AbsolutePath = DEFAULT_STORAGE_PATH
+    path: StoragePath = DEFAULT_STORAGE_PATH
 
 
 class Limits(StrictModel):
@@ -400,9 +401,6 @@ class Pool(StrictModel):
                 fix=f"lower min_ready: to at most {self.size - 1}",
                 field="recompose",
             )
-        if len(set(self.storage)) != len(self.storage):
-            raise labctl_error("a storage pool is listed twice", fix="list each once",
-                               field="storage")
 
     @property
     def power_policy(self) -> str:
