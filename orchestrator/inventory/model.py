@@ -249,6 +249,17 @@ class RecomposePolicy(StrictModel):
         0, description="Ready desktops kept during the roll."
     )
 
+    @model_validator(mode="after")
+    def _grace_needs_force(self) -> RecomposePolicy:
+        if "grace" in self.model_fields_set and self.strategy != "force":
+            raise labctl_error(
+                f"grace applies only to strategy: force; with {self.strategy} a desktop in "
+                "use is recomposed when its user releases it, however long that takes",
+                fix="remove grace: or set strategy: force",
+                field="grace",
+            )
+        return self
+
 
 class User(StrictModel):
     """A user account created at first boot."""
