@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.errors import ImageError
 from orchestrator.identity.registry import OPERATIONS
+from orchestrator.images import catalog
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "inventories" / "demo.yaml"
@@ -147,6 +149,21 @@ def test_host_check_json(data_dir):
 
 def qemu_img(*args: str) -> None:
     subprocess.run(["qemu-img", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.mark.parametrize("name, version, fix", [
+    ("win10", None, "run 'labctl image import PATH --name win10' with the image's file (win10 "
+     "is no recipe of labctl image build, which knows debian12, tiny)"),
+    ("tiny", None, "run 'labctl image build tiny' or 'labctl image import PATH --name tiny'"),
+    ("tiny", "0123", "run 'labctl image list' for the versions there are, or import that "
+     "version's file with 'labctl image import PATH --name tiny'"),
+])
+def test_missing_image_fix_names_a_working_command(data_dir, monkeypatch, name, version, fix):
+    """Only recipes can be built: the hint for any other catalog image is an import."""
+    monkeypatch.setenv("LABCTL_DATA_DIR", str(data_dir))
+    with pytest.raises(ImageError) as caught:
+        catalog.resolve(name, version)
+    assert caught.value.fix == fix
 
 
 def test_import_missing(data_dir, tmp_path):
