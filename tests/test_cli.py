@@ -227,6 +227,23 @@ def test_unknown_command(data_dir):
     assert "invalid choice" in result.stderr
 
 
+@pytest.mark.parametrize("memory, message", [
+    ("0", "0 MiB is outside 64 to 1048576 MiB"),
+    ("-512", "-512 MiB is outside 64 to 1048576 MiB"),
+    ("4000000000", "4000000000 MiB is outside 64 to 1048576 MiB"),
+    ("1.5", "invalid number of MiB: '1.5'"),
+])
+def test_smoke_memory_checked_first(data_dir, memory, message):
+    """A bad --memory is refused before the image is built or libvirt is contacted (the URI
+    would refuse any connection, and the empty data directory stays empty)."""
+    result = labctl(data_dir, "smoke", f"--memory={memory}", "--uri", "test:///nonexistent")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith(f"labctl smoke: error: argument --memory: {message}"), last
+    assert not data_dir.exists(), f"smoke wrote {list(data_dir.rglob('*'))}"
+
+
 # --- SIGPIPE and libvirt errors -------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ from orchestrator.hosts.connection import RECONNECT_FIX, libvirt_failure, lost_l
 from orchestrator.hosts.context import HostSettings
 from orchestrator.images import recipes
 from orchestrator.inventory import load_inventory
+from orchestrator.inventory.model import MIN_MEMORY
 from orchestrator.plan import Plan, make_plan, open_inventory_host
 from orchestrator.provision.remove import destroy_inventory
 from orchestrator.smoke import run_smoke as smoke
@@ -66,9 +67,29 @@ def register(commands, add_output) -> None:
     smoke.add_argument("image", nargs="?", default="tiny",
                        help="catalog image or recipe name (default tiny)")
     smoke.add_argument("--uri", default=HostSettings.uri, help="libvirt URI")
-    smoke.add_argument("--memory", type=int, default=512, help="guest memory in MiB")
+    smoke.add_argument("--memory", type=_memory_mib, default=512,
+                       help=f"guest memory in MiB ({MIN_SMOKE_MIB} to {MAX_SMOKE_MIB})")
     add_output(smoke)
     smoke.set_defaults(handler=run_smoke)
+
+
+# labctl smoke --memory, in MiB: the inventory's minimum, up to 1 TiB.
+MIN_SMOKE_MIB = MIN_MEMORY >> 20
+MAX_SMOKE_MIB = 1 << 20
+
+
+def _memory_mib(text: str) -> int:
+    """Parse --memory before anything is built or booted."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid number of MiB: {text!r} (give a whole number such as 512)") from None
+    if not MIN_SMOKE_MIB <= value <= MAX_SMOKE_MIB:
+        raise argparse.ArgumentTypeError(
+            f"{value} MiB is outside {MIN_SMOKE_MIB} to {MAX_SMOKE_MIB} MiB (use 512 for the "
+            "tiny image, 1024 or more for debian12)")
+    return value
 
 
 def _describe_plan(plan: Plan) -> list[dict]:
