@@ -6,7 +6,7 @@ from typing import Any
 
 from orchestrator.errors import InventoryError
 from orchestrator.inventory.fields import KEY_RE, KEY_RULE
-from orchestrator.inventory.messages import did_you_mean, join_choices, quote
+from orchestrator.inventory.messages import did_you_mean, join_choices, quote, unknown_key
 from orchestrator.inventory.model import DEFAULT_HOST, Host, Inventory, Pool
 from orchestrator.inventory.naming import (
     FQDN_MAX,
@@ -46,7 +46,7 @@ def check_defaults_keys(defaults: YamlMap) -> None:
         if key not in allowed:
             hint = did_you_mean(key, allowed)
             raise InventoryError(
-                f"defaults: unknown key {quote(key)}",
+                f"defaults: unknown key {unknown_key(key)}",
                 where=str(defaults.mark_of(key)),
                 fix=hint or f"defaults take pool keys: {', '.join(allowed)}",
             )
