@@ -67,8 +67,8 @@ class HostLost(LabctlError):
 class LostHosts:
     """The hosts whose libvirtd connection broke in this run, shared by the worker threads.
 
-    The first desktop that meets the broken connection reports it; the desktops not
-    started yet are not tried, so one lost libvirtd gives one error, not one per desktop.
+    The desktops in flight report the broken connection. The desktops not started yet
+    are not tried, so a lost libvirtd does not give one more error per desktop.
     """
 
     def __init__(self) -> None:

@@ -1,8 +1,8 @@
 """A host whose libvirtd the controller lost: one warning, then longer and longer waits.
 
 `labctl run` opens new libvirt connections at every pass, so it reconnects by itself
-once libvirtd answers again. While it does not, each pass would fail at once: this
-keeps the log to one warning per outage and spaces the passes out.
+once libvirtd accepts connections again. Until then each pass fails at once, so this
+class logs one warning per outage and spaces the passes out.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class Outage:
         self.wait = interval
 
     def lost(self, hosts: list[str], error: str, now: float) -> None:
-        """Count a pass that met a lost libvirtd on ``hosts``; warn once per host."""
+        """Count a pass that met a lost libvirtd on ``hosts`` and warn once per host."""
         self.wait = self._backoff.failed(_KEY, now)
         for host in hosts:
             if host in self.hosts:
@@ -43,7 +43,7 @@ class Outage:
                           f"to libvirtd: {error}")
 
     def reached(self) -> None:
-        """A pass reached every host: log each host that is back and reset the wait."""
+        """Log each host that is back after a pass that reached every host; reset the wait."""
         for host in self.hosts:
             log.info("host %s: connected to libvirtd again after %d failed passes",
                         host, self._backoff.failures(_KEY))

@@ -283,7 +283,7 @@ def open_inventory_host(inventory: Inventory, key: str) -> HostContext:
     try:
         return open_host(host_settings(inventory, key))
     except HostError as exc:
-        # The same class, so that the controller tells an unreachable libvirtd apart.
+        # The same class, so that the controller can detect an unreachable libvirtd.
         raise type(exc)(exc.message, where=f"{inventory.where(('hosts', key, 'uri'))} "
                         f"({exc.where})", fix=exc.fix) from exc
 

@@ -339,9 +339,9 @@ def test_controller_survives_libvirtd_restart(private_pool):
     path = private_pool.inventory({"lab": tiny_pool(prefix, size=2)})
     controller = ControllerProcess(path)
     try:
-        made: set[str] = set()
-        while made != set(names):
-            made.update(controller.wait_for("pass that made a desktop", lambda line: is_pass(
+        created: set[str] = set()
+        while created != set(names):
+            created.update(controller.wait_for("pass that made a desktop", lambda line: is_pass(
                 line) and bool(line["created"]), timeout=COMMAND_TIMEOUT)["created"])
         # Down long enough for several passes at a 2 s interval to meet no libvirtd.
         restart_libvirtd(down_for=LIBVIRTD_DOWN)

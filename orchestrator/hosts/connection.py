@@ -29,8 +29,8 @@ _lock = threading.Lock()
 
 
 class HostUnreachable(HostError):
-    """libvirt.open failed: libvirtd does not run there, or does not answer, or the URI
-    is wrong."""
+    """libvirt.open failed because libvirtd does not run there, does not respond, or the
+    URI is wrong."""
 
 
 def _ignore_libvirt_error(_ctx: object, _err: object) -> None:
@@ -114,10 +114,10 @@ def libvirt_failure(what: str, exc: libvirt.libvirtError, *, where: str | None =
 
 
 def lost_libvirtd(exc: BaseException) -> bool:
-    """Return whether ``exc`` or one of its causes says libvirtd is gone or unreachable.
+    """Return whether ``exc`` or one of its causes is a lost or unreachable libvirtd.
 
-    That is a connection that broke in a call or one that could not be opened: an error
-    of the host, not of the desktop or the call that met it.
+    That is a connection that broke in a call, or one that could not be opened. It is an
+    error of the host, not of the desktop or the call that met it.
     """
     seen: set[int] = set()
     current: BaseException | None = exc

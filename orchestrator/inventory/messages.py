@@ -25,7 +25,7 @@ def quote(value: object) -> str:
 
 
 def unknown_key(key: str) -> str:
-    """Quote an unknown key for a message, or say it is hidden if it may hold a secret."""
+    """Quote an unknown key for a message, or return HIDDEN_KEY if it may hold a secret."""
     lowered = key.lower()
     if PLAIN_KEY_RE.fullmatch(key) and not any(word in lowered for word in SECRET_WORDS):
         return quote(key)

@@ -99,8 +99,9 @@ class PoolError:
 
 
 def stop_pool(inventory: str, pool: str, desktop: str, message: str) -> bool:
-    """Record the error that stops a pool's provisioning (the first one is kept); return
-    whether this call stopped it, so that one "stopped" event is recorded per stop."""
+    """Record the error that stops a pool's provisioning. The first error is kept.
+
+    Returns whether this call stopped the pool, so callers record one "stopped" event."""
     with _database() as db:
         cursor = db.execute(
             "INSERT OR IGNORE INTO pool_errors (inventory, pool, time, desktop, message) "
