@@ -124,8 +124,8 @@ class PoolStops:
             return
         if not pool.provisioning.stop_on_error or isinstance(error, (PoolStopped, HostLost)):
             return
-        if lost_libvirtd(error):
-            return  # the host failed, not the pool's provisioning
+        if lost_libvirtd(error) or _interrupted(error):
+            return  # the host failed or the user interrupted, not the pool's provisioning
         with self._lock:
             first = action.pool not in self._stopped
             self._stopped.add(action.pool)
@@ -139,6 +139,18 @@ class PoolStops:
             events.record(self.inventory.name, "stopped",
                           f"provisioning stopped: {action.desktop} failed",
                           pool=action.pool, desktop=action.desktop)
+
+
+def _interrupted(error: BaseException) -> bool:
+    """Return whether ``error`` or one of its causes is an interruption (cancel.Cancelled)."""
+    current: BaseException | None = error
+    for _depth in range(16):  # a bound in case a cause refers back to its error
+        if current is None:
+            return False
+        if isinstance(current, cancel.Cancelled):
+            return True
+        current = current.__cause__ or getattr(current, "cause", None)
+    return False
 
 
 def apply_plan(plan: Plan, on_event: EventSink, *, replace: bool = False) -> ApplyResult:

@@ -170,6 +170,8 @@ def test_apply_records_stopped_event_once(tmp_path, private_state):
     first, second, third = (Action("create", f"s{n}", "strict", "local") for n in (1, 2, 3))
     stops.failed(first, lost_step("s1"))
     assert events.stopped_pools("ctl") == {}, "a lost libvirtd must not stop the pool"
+    stops.failed(first, StepFailed("s1", "define", Cancelled("interrupted by the user")))
+    assert events.stopped_pools("ctl") == {}, "an interruption must not stop the pool"
     stops.failed(second, LabctlError("step 'seed' failed: disk full", where="s2"))
     stops.failed(third, LabctlError("step 'seed' failed: disk full", where="s3"))
     kinds = [(event.kind, event.pool, event.desktop) for event in events.recent("ctl")]
