@@ -424,7 +424,13 @@ def delete_behind_back(conn: libvirt.virConnect, name: str) -> None:
     record = metadata.read(domain)
     assert record is not None, f"{name} has no labctl record"
     if domain.isActive():
-        domain.destroy()
+        try:
+            domain.destroy()
+        except libvirt.libvirtError:
+            # A libvirtd that just restarted may stop a guest whose reconnect failed
+            # (shut off, reason "daemon"), between isActive and destroy.
+            if domain.isActive():
+                raise
     domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
     for path in (record.disk, record.seed):
         conn.storageVolLookupByPath(path).delete(0)

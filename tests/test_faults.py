@@ -366,6 +366,9 @@ def test_controller_survives_libvirtd_restart(private_pool):
         assert any("connected to libvirtd again" in line for line in controller.stderr), \
             controller.describe()
         assert controller.stop() == 0, controller.describe()
+    except BaseException:
+        print(controller.describe())  # what the controller did up to the failure
+        raise
     finally:
         controller.close()
     assert_ready(path, names)
