@@ -18,7 +18,7 @@ from orchestrator.errors import LabctlError
 from orchestrator.identity import keys
 from orchestrator.plan import Action, Plan
 from orchestrator.hosts import facts
-from orchestrator.hosts.connection import libvirt_failure
+from orchestrator.hosts.connection import libvirt_failure, lost_libvirtd
 from orchestrator.hosts.context import HostContext
 from orchestrator.instant.child import ChildProvisioning
 from orchestrator.provision.desktop import KeptIdentity, Provisioning
@@ -44,6 +44,10 @@ class ApplyResult:
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
     # Desktops not made because their pool stopped at a provisioning error in this run.
     held: list[str] = field(default_factory=list)
+    # Desktops not tried because the connection to their host's libvirtd broke in this run.
+    unreached: list[str] = field(default_factory=list)
+    # Hosts (inventory keys) whose libvirtd connection broke in this run.
+    lost_hosts: list[str] = field(default_factory=list)
 
 
 # Actions that create a desktop or its disk; an error in one of them stops a pool with
@@ -53,6 +57,45 @@ PROVISIONING = ("create", "replace", "outdated", "refresh")
 
 class PoolStopped(LabctlError):
     """A pool stopped at a provisioning error makes no more desktops until labctl clear."""
+
+
+class HostLost(LabctlError):
+    """The connection to the host's libvirtd broke earlier in this run: the desktop is not
+    tried on it."""
+
+
+class LostHosts:
+    """The hosts whose libvirtd connection broke in this run, shared by the worker threads.
+
+    The desktops in flight report the broken connection. The desktops not started yet
+    are not tried, so a lost libvirtd does not give one more error per desktop.
+    """
+
+    def __init__(self) -> None:
+        self._lost: list[str] = []
+        self._lock = threading.Lock()
+
+    @property
+    def hosts(self) -> list[str]:
+        with self._lock:
+            return list(self._lost)
+
+    def check(self, action: Action) -> None:
+        """Raise HostLost if the action's host lost its libvirtd connection."""
+        with self._lock:
+            lost = action.host in self._lost
+        if lost:
+            raise HostLost(f"not tried: the connection to host {action.host}'s libvirtd broke",
+                           where=action.desktop)
+
+    def failed(self, host: str, error: BaseException) -> bool:
+        """Remember ``host`` as lost if ``error`` is a broken libvirtd connection."""
+        if not lost_libvirtd(error):
+            return False
+        with self._lock:
+            if host not in self._lost:
+                self._lost.append(host)
+        return True
 
 
 class PoolStops:
@@ -79,17 +122,35 @@ class PoolStops:
         pool = self.inventory.pools.get(action.pool)
         if action.kind not in PROVISIONING or pool is None:
             return
-        if not pool.provisioning.stop_on_error or isinstance(error, PoolStopped):
+        if not pool.provisioning.stop_on_error or isinstance(error, (PoolStopped, HostLost)):
             return
+        if lost_libvirtd(error) or _interrupted(error):
+            return  # the host failed or the user interrupted, not the pool's provisioning
         with self._lock:
             first = action.pool not in self._stopped
             self._stopped.add(action.pool)
         if first:
             # The record names the desktop already, so the message does not repeat it.
             message = str(error).removeprefix(f"{action.desktop}: ")
-            events.stop_pool(self.inventory.name, action.pool, action.desktop, message)
+            if not events.stop_pool(self.inventory.name, action.pool, action.desktop, message):
+                return
             log.info("pool %s: stopped at the provisioning error of %s", action.pool,
                      action.desktop)
+            events.record(self.inventory.name, "stopped",
+                          f"provisioning stopped: {action.desktop} failed",
+                          pool=action.pool, desktop=action.desktop)
+
+
+def _interrupted(error: BaseException) -> bool:
+    """Return whether ``error`` or one of its causes is an interruption (cancel.Cancelled)."""
+    current: BaseException | None = error
+    for _depth in range(16):  # a bound in case a cause refers back to its error
+        if current is None:
+            return False
+        if isinstance(current, cancel.Cancelled):
+            return True
+        current = current.__cause__ or getattr(current, "cause", None)
+    return False
 
 
 def apply_plan(plan: Plan, on_event: EventSink, *, replace: bool = False) -> ApplyResult:
@@ -113,9 +174,10 @@ def apply_plan(plan: Plan, on_event: EventSink, *, replace: bool = False) -> App
         result.skipped = [action.desktop for action in plan.of_kind("outdated")]
     workers = max(1, sum(ctx.settings.max_parallel for ctx in plan.hosts.values()))
     stops = PoolStops(plan)
+    lost = LostHosts()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="provision") as executor:
         futures = {executor.submit(_converge_or_stop, plan, action, access_key, on_event,
-                                   stops): action
+                                   stops, lost): action
                    for action in work}
         try:
             _collect(futures, result, recorder)
@@ -129,7 +191,10 @@ def apply_plan(plan: Plan, on_event: EventSink, *, replace: bool = False) -> App
         # while it copies a full clone's disk, so an interrupted run leaves it to the next.
         log.info("interrupted: unused parent VMs and replicas are removed by the next apply")
         return result
+    result.lost_hosts = lost.hosts
     for key, ctx in plan.hosts.items():
+        if key in result.lost_hosts:
+            continue  # its connection is broken; the next run removes them
         try:
             _remove_unused(plan, key, ctx, on_event)
         except libvirt.libvirtError as exc:
@@ -159,6 +224,9 @@ def _collect(futures: dict, result: ApplyResult, recorder: EventRecorder) -> Non
             timings = future.result()
         except PoolStopped:
             result.held.append(action.desktop)
+            continue
+        except HostLost:
+            result.unreached.append(action.desktop)
             continue
         except LabctlError as exc:
             result.failed[action.desktop] = exc
@@ -199,12 +267,16 @@ def note(inventory: str, action: Action, kind: str, message: str) -> None:
 
 
 def _converge_or_stop(plan: Plan, action: Action, access_key: keys.KeyPair,
-                      on_event: EventSink, stops: PoolStops) -> dict[str, float]:
-    """Converge one desktop unless its pool stopped; a provisioning error may stop it."""
+                      on_event: EventSink, stops: PoolStops,
+                      lost: LostHosts) -> dict[str, float]:
+    """Converge one desktop unless its pool stopped or its host's libvirtd connection broke;
+    a provisioning error may stop the pool."""
+    lost.check(action)
     stops.check(action)
     try:
         timings = _converge(plan, action, access_key, on_event)
     except LabctlError as exc:
+        lost.failed(action.host, exc)
         stops.failed(action, exc)
         raise
     if action.kind in PROVISIONING:

@@ -30,7 +30,9 @@ from orchestrator import cancel, locks
 from orchestrator.apply import ApplyResult, apply_plan
 from orchestrator.backoff import Backoff
 from orchestrator.errors import ConflictError, HostError, LabctlError
+from orchestrator.hosts.connection import lost_libvirtd
 from orchestrator.inventory import Inventory, load_inventory
+from orchestrator.outage import Outage
 from orchestrator.plan import Plan, make_plan
 from orchestrator.provision.steps import EventSink
 from orchestrator.state import events
@@ -193,6 +195,7 @@ class Controller:
         self.passes = 0
         self._announced: set[str] = set()  # stopped pools already logged
         self._last_error = ""
+        self.outage = Outage(self.inventory.name, interval)
 
     @property
     def inventory(self) -> Inventory:
@@ -217,7 +220,7 @@ class Controller:
         while True:
             report = self.run_pass(raise_errors=once)
             self.report(report)
-            if once or self.stop.requested or self.stop.wait(self.interval):
+            if once or self.stop.requested or self.stop.wait(self.outage.wait):
                 return report
 
     def run_pass(self, *, raise_errors: bool = False) -> PassReport:
@@ -241,10 +244,26 @@ class Controller:
             if raise_errors:
                 raise error from exc
             report.error = str(error)
-            self._log_pass_error(inventory, report.error)
+            if lost_libvirtd(exc):
+                self.outage.lost(_host_names(inventory), getattr(error, "message", report.error),
+                                 self.clock())
+            else:
+                self._log_pass_error(inventory, report.error)
         else:
             self._last_error = ""
+            self._note_hosts(inventory, report)
         return report
+
+    def _note_hosts(self, inventory: Inventory, report: PassReport) -> None:
+        """Back off if libvirtd went away during the pass; log when it is back."""
+        lost = report.result.lost_hosts if report.result is not None else []
+        if lost:
+            errors = [str(error) for error in report.result.failed.values()
+                      if lost_libvirtd(error)]
+            self.outage.lost(_host_names(inventory, lost), errors[0] if errors else
+                             "the connection broke", self.clock())
+        else:
+            self.outage.reached()
 
     def _converge(self, inventory: Inventory, report: PassReport) -> None:
         plan = make_plan(inventory, build_images=True,
@@ -286,6 +305,8 @@ class Controller:
             self.backoff.succeeded(desktop)
         actions = {action.desktop: action for action in plan.actions}
         for desktop, error in sorted(result.failed.items()):
+            if lost_libvirtd(error):
+                continue  # the host's fault: the outage backs off the next passes
             action = actions.get(desktop)
             pool = action.pool if action is not None else ""
             policy = inventory.pools.get(pool)
@@ -298,15 +319,17 @@ class Controller:
 
     def _stop_pool(self, inventory: Inventory, pool: str, desktop: str,
                    error: LabctlError) -> None:
-        events.stop_pool(inventory.name, pool, desktop,
-                         str(error).removeprefix(f"{desktop}: "))
+        # apply_plan stops the pool and records the event first; this catches the rest.
+        stopped_now = events.stop_pool(inventory.name, pool, desktop,
+                                       str(error).removeprefix(f"{desktop}: "))
+        if stopped_now:
+            events.record(inventory.name, "stopped", f"provisioning stopped: {desktop} failed",
+                          pool=pool, desktop=desktop)
         if pool in self._announced:
             return
         self._announced.add(pool)
         log.error("pool %s stopped on error: desktop %s failed: %s; run labctl clear %s %s "
                   "to resume its provisioning", pool, desktop, error, inventory.path, pool)
-        events.record(inventory.name, "stopped", f"provisioning stopped: {desktop} failed",
-                      pool=pool, desktop=desktop)
 
     def _back_off(self, inventory: Inventory, pool: str, desktop: str,
                   error: LabctlError) -> None:
@@ -327,3 +350,11 @@ class Controller:
         log.error("inventory %s: pass %d failed: %s; retrying at the next pass",
                   inventory.name, self.passes, message)
         events.record(inventory.name, "pass-failed", message)
+
+
+def _host_names(inventory: Inventory, keys: list[str] | None = None) -> list[str]:
+    """Return the hosts ``keys`` (default: those the pools use) as "NAME (URI)"."""
+    if keys is None:
+        keys = sorted({pool.host for pool in inventory.pools.values()})
+    return [f"{key} ({inventory.hosts[key].uri})" if key in inventory.hosts else key
+            for key in keys]

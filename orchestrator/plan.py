@@ -125,6 +125,25 @@ def _resolve_image(key: str, ref, *, build: bool,
     return recipes.build(ref.build, progress=progress)
 
 
+def check_refresh_over(inventory: Inventory, images: dict[str, ImageVersion | None]) -> None:
+    """Raise if a pool's refresh_over is above its desktops' disk size: an overlay never
+    grows past the disk it covers, so the refresh would never happen."""
+    for key, pool in inventory.pools.items():
+        image = images.get(pool.image)
+        if pool.refresh_over is None or image is None:
+            continue  # an image not built yet: checked once it is
+        disk = max(pool.hardware.disk or 0, image.virtual_size)
+        if pool.refresh_over <= disk:
+            continue
+        raise InventoryError(
+            f"pools.{key}.refresh_over: {pool.refresh_over >> 20} MiB is more than the "
+            f"desktops' disk of {disk >> 20} MiB (image {image.ref}), so the overlay never "
+            "grows past it and no desktop is ever refreshed",
+            where=inventory.where(("pools", key, "refresh_over")),
+            fix=f"use a refresh_over below {disk >> 20}MiB, or a larger hardware.disk",
+        )
+
+
 def desktop_requests(inventory: Inventory, images: dict[str, ImageVersion | None],
                      hosts: dict[str, HostContext],
                      layouts: dict[str, PoolLayout]) -> list[DesktopRequest]:
@@ -240,6 +259,7 @@ def make_plan(inventory: Inventory, *, build_images: bool = False,
         for key in used_hosts:
             hosts[key] = open_inventory_host(inventory, key)
         images = resolve_images(inventory, build=build_images, progress=progress)
+        check_refresh_over(inventory, images)
         observed = {key: observed_desktops(ctx, inventory.name) for key, ctx in hosts.items()}
         records = {name: record for found in observed.values()
                    for name, (_domain, record) in found.items()}
@@ -263,7 +283,8 @@ def open_inventory_host(inventory: Inventory, key: str) -> HostContext:
     try:
         return open_host(host_settings(inventory, key))
     except HostError as exc:
-        raise HostError(exc.message, where=f"{inventory.where(('hosts', key, 'uri'))} "
+        # The same class, so that the controller can detect an unreachable libvirtd.
+        raise type(exc)(exc.message, where=f"{inventory.where(('hosts', key, 'uri'))} "
                         f"({exc.where})", fix=exc.fix) from exc
 
 

@@ -220,16 +220,19 @@ class PrivatePool:
         return problems
 
 
-def restart_libvirtd(timeout: float = 60) -> None:
+def restart_libvirtd(timeout: float = 60, down_for: float = 0) -> None:
     """Stop libvirtd with SIGTERM and start it again as scripts/host-setup does.
 
     A libvirtd that ran in its own mount namespace with /dev/kvm masked is started the
     same way again, and one that systemd runs is restarted through systemctl. Running
-    guests survive: the new libvirtd reconnects to them. Returns once it responds.
+    guests survive: the new libvirtd reconnects to them. ``down_for`` seconds pass
+    between the stop and the start. Returns once it responds.
     """
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout + down_for
     if Path("/run/systemd/system").is_dir():
-        _run(["systemctl", "restart", "libvirtd.service"])
+        _run(["systemctl", "stop", "libvirtd.service"])
+        time.sleep(down_for)
+        _run(["systemctl", "start", "libvirtd.service"])
     else:
         pid = libvirtd_pid()
         masked = libvirtd_namespace_differs(pid)
@@ -237,6 +240,7 @@ def restart_libvirtd(timeout: float = 60) -> None:
         while Path(f"/proc/{pid}").exists():
             assert time.monotonic() < deadline, f"libvirtd {pid} did not stop within {timeout} s"
             time.sleep(0.1)
+        time.sleep(down_for)
         start_libvirtd(masked)
     while True:
         answered = subprocess.run(["virsh", "-q", "-c", URI, "uri"], check=False,

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.errors import ImageError
 from orchestrator.identity.registry import OPERATIONS
+from orchestrator.images import catalog
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "inventories" / "demo.yaml"
@@ -149,6 +151,21 @@ def qemu_img(*args: str) -> None:
     subprocess.run(["qemu-img", *args], check=True, capture_output=True, timeout=60)
 
 
+@pytest.mark.parametrize("name, version, fix", [
+    ("win10", None, "run 'labctl image import PATH --name win10' with the image's file (win10 "
+     "is no recipe of labctl image build, which knows debian12, tiny)"),
+    ("tiny", None, "run 'labctl image build tiny' or 'labctl image import PATH --name tiny'"),
+    ("tiny", "0123", "run 'labctl image list' for the versions there are, or import that "
+     "version's file with 'labctl image import PATH --name tiny'"),
+])
+def test_missing_image_fix_names_a_working_command(data_dir, monkeypatch, name, version, fix):
+    """Only recipes can be built: the hint for any other catalog image is an import."""
+    monkeypatch.setenv("LABCTL_DATA_DIR", str(data_dir))
+    with pytest.raises(ImageError) as caught:
+        catalog.resolve(name, version)
+    assert caught.value.fix == fix
+
+
 def test_import_missing(data_dir, tmp_path):
     path = tmp_path / "absent.qcow2"
     message = error_line(labctl(data_dir, "image", "import", str(path), "--name", "x"))
@@ -208,6 +225,23 @@ def test_unknown_command(data_dir):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "invalid choice" in result.stderr
+
+
+@pytest.mark.parametrize("memory, message", [
+    ("0", "0 MiB is outside 64 to 1048576 MiB"),
+    ("-512", "-512 MiB is outside 64 to 1048576 MiB"),
+    ("4000000000", "4000000000 MiB is outside 64 to 1048576 MiB"),
+    ("1.5", "invalid number of MiB: '1.5'"),
+])
+def test_smoke_memory_checked_first(data_dir, memory, message):
+    """A bad --memory is refused before the image is built or libvirt is contacted (the URI
+    would refuse any connection, and the empty data directory stays empty)."""
+    result = labctl(data_dir, "smoke", f"--memory={memory}", "--uri", "test:///nonexistent")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith(f"labctl smoke: error: argument --memory: {message}"), last
+    assert not data_dir.exists(), f"smoke wrote {list(data_dir.rglob('*'))}"
 
 
 # --- SIGPIPE and libvirt errors -------------------------------------------------------------

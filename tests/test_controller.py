@@ -26,11 +26,14 @@ from conftest import REPO, TEST_POOL, TEST_POOL_PATH, URI, run_labctl, unique_na
 from test_apply_tiny import APPLY_TIMEOUT, describe_run, forget_local_state, pool_volume_names
 
 from orchestrator import cli
-from orchestrator.apply import ApplyResult
+from orchestrator.commands import apply_cmd
+from orchestrator.apply import ApplyResult, HostLost, LostHosts, PoolStops
 from orchestrator.backoff import Backoff
 from orchestrator.cancel import Cancelled
 from orchestrator.controller import Controller, InventorySource, hold_actions, inventory_lock
 from orchestrator.errors import HostError, LabctlError
+from orchestrator.hosts.connection import RECONNECT_FIX, lost_libvirtd
+from orchestrator.inventory import load_inventory
 from orchestrator.plan import Action, Plan
 from orchestrator.provision.steps import StepFailed
 from orchestrator.state import events, metadata
@@ -129,6 +132,82 @@ def test_failure_stops_pool_or_backs_off(tmp_path, private_state):
     assert ("retry", "l1") in kinds
 
 
+def rpc_error(message: str = "Cannot recv data: Connection reset by peer") -> libvirt.libvirtError:
+    """A libvirt error of a broken connection, as libvirt raises when libvirtd goes away."""
+    error = libvirt.libvirtError(message)
+    error.err = (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_FROM_RPC, message, 2, None, None,
+                 None, -1, -1)
+    return error
+
+
+def lost_step(desktop: str) -> StepFailed:
+    try:
+        raise StepFailed(desktop, "start", rpc_error())
+    except StepFailed as exc:
+        return exc
+
+
+def test_lost_libvirtd_is_no_desktop_failure(tmp_path, private_state):
+    """A libvirtd restart must neither stop a strict pool nor back its desktops off."""
+    path = write_inventory(tmp_path / "ctl.yaml", {"strict": tiny_pool("s", 1)})
+    controller = Controller(path, lambda *event: None, lambda report: None, clock=lambda: 0.0)
+    plan = fake_plan(("create", "s1", "strict"))
+    assert lost_libvirtd(lost_step("s1")), "a step failed on a broken connection"
+    driver = libvirt.libvirtError("disk full")
+    driver.err = (1, libvirt.VIR_FROM_STORAGE, "disk full", 2, None, None, None, -1, -1)
+    assert not lost_libvirtd(StepFailed("s1", "disk", driver)), "a driver error is the call's"
+    controller._learn(controller.inventory, plan, ApplyResult(failed={"s1": lost_step("s1")}))
+    assert events.stopped_pools("ctl") == {}
+    assert controller.backoff.remaining("s1", now=0) == 0
+
+
+def test_apply_records_stopped_event_once(tmp_path, private_state):
+    """apply stops a strict pool at its first provisioning error and records it once; a
+    lost libvirtd stops nothing."""
+    path = write_inventory(tmp_path / "ctl.yaml", {"strict": tiny_pool("s", 3)})
+    plan = Plan(inventory=load_inventory(path), hosts={})
+    stops = PoolStops(plan)
+    first, second, third = (Action("create", f"s{n}", "strict", "local") for n in (1, 2, 3))
+    stops.failed(first, lost_step("s1"))
+    assert events.stopped_pools("ctl") == {}, "a lost libvirtd must not stop the pool"
+    stops.failed(first, StepFailed("s1", "define", Cancelled("interrupted by the user")))
+    assert events.stopped_pools("ctl") == {}, "an interruption must not stop the pool"
+    stops.failed(second, LabctlError("step 'seed' failed: disk full", where="s2"))
+    stops.failed(third, LabctlError("step 'seed' failed: disk full", where="s3"))
+    kinds = [(event.kind, event.pool, event.desktop) for event in events.recent("ctl")]
+    assert kinds == [("stopped", "strict", "s2")], f"one stopped event expected: {kinds}"
+    # The controller learns the same failure after apply: still one event.
+    controller = Controller(path, lambda *event: None, lambda report: None, clock=lambda: 0.0)
+    controller._learn(controller.inventory, fake_plan(("create", "s2", "strict")),
+                      ApplyResult(failed={"s2": LabctlError("step 'seed' failed: disk full")}))
+    assert [event.kind for event in events.recent("ctl")] == ["stopped"]
+
+
+def test_lost_host_skips_the_rest():
+    lost = LostHosts()
+    action = Action("create", "a2", "lab", "local")
+    assert not lost.failed("local", LabctlError("step 'seed' failed: disk full"))
+    lost.check(action)
+    assert lost.failed("local", lost_step("a1"))
+    with pytest.raises(HostLost, match="a2: not tried"):
+        lost.check(action)
+    lost.check(Action("create", "b1", "lab", "other"))  # another host goes on
+
+
+def test_lost_libvirtd_fix_printed_once(capsys):
+    result = ApplyResult(failed={"a1": lost_step("a1"), "a2": lost_step("a2")},
+                         unreached=["a4", "a3"])
+    apply_cmd._print_failed(result)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[:2] == ["labctl: error: a1: step 'start' failed: Cannot recv data: "
+                         "Connection reset by peer",
+                         "labctl: error: a2: step 'start' failed: Cannot recv data: "
+                         "Connection reset by peer"], lines
+    assert lines[2] == "labctl: not tried because the connection to libvirtd broke: a3, a4"
+    assert lines[3] == f"labctl: error: {RECONNECT_FIX}"
+    assert len(lines) == 4, lines
+
+
 def test_start_failure_backs_off_in_strict_pool(tmp_path, private_state):
     path = write_inventory(tmp_path / "ctl.yaml", {"strict": tiny_pool("s", 1)})
     controller = Controller(path, lambda *event: None, lambda report: None, clock=lambda: 0.0)
@@ -167,17 +246,41 @@ def test_unreachable_host_logged_once(tmp_path, private_state, caplog):
     socket = tmp_path / "no-libvirtd.sock"
     path = write_inventory(tmp_path / "ctl.yaml", {"lab": tiny_pool("v", 1)},
                            uri=f"qemu+unix:///system?socket={socket}")
-    controller = Controller(path, lambda *event: None, lambda report: None)
-    with caplog.at_level("ERROR", logger="orchestrator.controller"):
-        first = controller.run_pass()
-        second = controller.run_pass()
-    assert "cannot connect to libvirt" in first.error
-    assert second.error == first.error
-    errors = [record.getMessage() for record in caplog.records]
-    assert len(errors) == 1, f"a lasting error must be logged once: {errors}"
-    assert "retrying at the next pass" in errors[0]
+    controller = Controller(path, lambda *event: None, lambda report: None, interval=2)
+    waits = []
+    with caplog.at_level("WARNING"):
+        for _ in range(3):
+            report = controller.run_pass()
+            waits.append(controller.outage.wait)
+    assert "cannot connect to libvirt" in report.error
+    logged = [(record.levelname, record.getMessage()) for record in caplog.records]
+    assert len(logged) == 1, f"a lasting outage must be logged once: {logged}"
+    assert logged[0][0] == "WARNING", f"an unreachable libvirtd is no error: {logged}"
+    assert logged[0][1].startswith(f"host local (qemu+unix:///system?socket={socket}): lost "
+                                   "the connection to libvirtd"), logged
+    assert waits == [2, 4, 8], f"the passes must back off while libvirtd is down: {waits}"
+    kinds = [event.kind for event in events.recent("ctl")]
+    assert kinds.count("host-lost") == 1, kinds
+    assert "pass-failed" not in kinds, kinds
     with pytest.raises(HostError):
         controller.run_pass(raise_errors=True)
+
+
+def test_reconnect_resets_the_wait(tmp_path, private_state, caplog):
+    """A pass that reaches libvirtd again logs it once and goes back to the interval."""
+    path = write_inventory(tmp_path / "ctl.yaml", {"lab": tiny_pool("v", 1)})
+    controller = Controller(path, lambda *event: None, lambda report: None, interval=2)
+    controller.outage.lost(["local (qemu:///system)"], "Cannot recv data", now=0)
+    assert controller.outage.wait == 2
+    controller.outage.lost(["local (qemu:///system)"], "Cannot recv data", now=2)
+    assert controller.outage.wait == 4
+    with caplog.at_level("INFO", logger="orchestrator.outage"):
+        controller.outage.reached()
+        controller.outage.reached()
+    back = [record.getMessage() for record in caplog.records if record.levelname == "INFO"]
+    assert back == ["host local (qemu:///system): connected to libvirtd again after 2 failed "
+                    "passes"], back
+    assert controller.outage.wait == 2, "the wait must go back to the interval"
 
 
 def test_busy_inventory_skips_pass(tmp_path, private_state):
@@ -321,7 +424,13 @@ def delete_behind_back(conn: libvirt.virConnect, name: str) -> None:
     record = metadata.read(domain)
     assert record is not None, f"{name} has no labctl record"
     if domain.isActive():
-        domain.destroy()
+        try:
+            domain.destroy()
+        except libvirt.libvirtError:
+            # A libvirtd that just restarted may stop a guest whose reconnect failed
+            # (shut off, reason "daemon"), between isActive and destroy.
+            if domain.isActive():
+                raise
     domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
     for path in (record.disk, record.seed):
         conn.storageVolLookupByPath(path).delete(0)

@@ -43,7 +43,7 @@ ACCEPTED = sorted((CORPUS / "accept").glob("*.yaml"))
 CLI_SAMPLE = [
     "tag-python-apply", "alias-billion-laughs", "byte-nul", "byte-latin1", "include-absolute",
     "include-loop", "uri-command-encoded", "jinja-nested-loops", "password-newline",
-    "escape-newline-name",
+    "escape-newline-name", "unknown-top-key-secret",
 ]
 # Names the corpus would give to libvirt objects; other developers' tests share this
 # libvirtd, so the snapshot covers only these.

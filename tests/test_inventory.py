@@ -14,8 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orchestrator.errors import InventoryError
+from orchestrator.images.catalog import ImageVersion
 from orchestrator.inventory import expand_names, inventory_json_schema, load_inventory
 from orchestrator.inventory.fields import MIB, parse_size
+from orchestrator.plan import check_refresh_over
 
 REPO = Path(__file__).resolve().parent.parent
 INVENTORIES = REPO / "inventories"
@@ -1241,6 +1243,8 @@ def test_policies_parse(tmp_path):
         ("recompose: {min_ready: 3}", "recompose.min_ready is 3", "at most 1"),
         ("recompose: {min_ready: 2}", "could never take a desktop down", "at most 1"),
         ("recompose: {grace: 5 minutes}", "invalid duration '5 minutes'", "5m"),
+        ("recompose: {grace: 5m}", "recompose.grace: grace applies only to strategy: force",
+         "set strategy: force"),
         ("refresh_over: 1KiB", "below the minimum of 1MiB", ""),
         ("power: hibernate", "power", "always-on"),
     ],
@@ -1250,6 +1254,30 @@ def test_policy_errors(tmp_path, line, message, fix):
     assert error.where == at(tmp_path, 11), error
     assert message in error.message, error
     assert fix in (error.fix or "") or fix in error.message, error
+
+
+def tiny_version(virtual_size: int) -> ImageVersion:
+    return ImageVersion(name="tiny", version="0123abcd", sha256="", disk="/nonexistent",
+                        format="qcow2", virtual_size=virtual_size, actual_size=0, boot=None)
+
+
+@pytest.mark.parametrize("hardware", ["", "hardware: {disk: 2GiB}"])
+def test_refresh_over_above_disk(tmp_path, hardware):
+    """refresh_over above the disk size could never fire: plan rejects it at its line."""
+    lines = ["refresh_over: 3GiB"] + ([hardware] if hardware else [])
+    inventory = load_inventory(write(tmp_path, pool_yaml(*lines)))
+    with pytest.raises(InventoryError) as caught:
+        check_refresh_over(inventory, {"img": tiny_version(1 << 30)})
+    error = caught.value
+    assert error.where == at(tmp_path, 11), error
+    disk = 2048 if hardware else 1024
+    assert error.message == (
+        f"pools.lab.refresh_over: 3072 MiB is more than the desktops' disk of {disk} MiB "
+        "(image tiny@0123abcd), so the overlay never grows past it and no desktop is ever "
+        "refreshed"), error
+    assert error.fix == f"use a refresh_over below {disk}MiB, or a larger hardware.disk"
+    check_refresh_over(inventory, {"img": tiny_version(4 << 30)})  # a larger image: fine
+    check_refresh_over(inventory, {"img": None})  # not built yet: checked later
 
 
 def test_dedicated_pool_cannot_delete_on_logoff(tmp_path):

@@ -11,13 +11,14 @@ import libvirt
 
 from orchestrator import bench_instant, locks, output, recovery
 from orchestrator import status as status_module
-from orchestrator.apply import apply_plan, refresh_desktops
+from orchestrator.apply import ApplyResult, apply_plan, refresh_desktops
 from orchestrator.bench import run_bench, summarize
 from orchestrator.errors import LabctlError
-from orchestrator.hosts.connection import libvirt_failure
+from orchestrator.hosts.connection import RECONNECT_FIX, libvirt_failure, lost_libvirtd
 from orchestrator.hosts.context import HostSettings
 from orchestrator.images import recipes
 from orchestrator.inventory import load_inventory
+from orchestrator.inventory.model import MIN_MEMORY
 from orchestrator.plan import Plan, make_plan, open_inventory_host
 from orchestrator.provision.remove import destroy_inventory
 from orchestrator.smoke import run_smoke as smoke
@@ -66,9 +67,29 @@ def register(commands, add_output) -> None:
     smoke.add_argument("image", nargs="?", default="tiny",
                        help="catalog image or recipe name (default tiny)")
     smoke.add_argument("--uri", default=HostSettings.uri, help="libvirt URI")
-    smoke.add_argument("--memory", type=int, default=512, help="guest memory in MiB")
+    smoke.add_argument("--memory", type=_memory_mib, default=512,
+                       help=f"guest memory in MiB ({MIN_SMOKE_MIB} to {MAX_SMOKE_MIB})")
     add_output(smoke)
     smoke.set_defaults(handler=run_smoke)
+
+
+# labctl smoke --memory, in MiB: the inventory's minimum, up to 1 TiB.
+MIN_SMOKE_MIB = MIN_MEMORY >> 20
+MAX_SMOKE_MIB = 1 << 20
+
+
+def _memory_mib(text: str) -> int:
+    """Parse --memory before anything is built or booted."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid number of MiB: {text!r} (give a whole number such as 512)") from None
+    if not MIN_SMOKE_MIB <= value <= MAX_SMOKE_MIB:
+        raise argparse.ArgumentTypeError(
+            f"{value} MiB is outside {MIN_SMOKE_MIB} to {MAX_SMOKE_MIB} MiB (use 512 for the "
+            "tiny image, 1024 or more for debian12)")
+    return value
 
 
 def _describe_plan(plan: Plan) -> list[dict]:
@@ -157,6 +178,7 @@ def _apply(args: argparse.Namespace, inventory) -> int:
                                             "deleted": result.deleted,
                                             "skipped": result.skipped,
                                             "held": result.held,
+                                            "unreached": result.unreached,
                                             "failed": failed,
                                             "timings": result.timings}) + "\n")
     elif data is not None:
@@ -167,12 +189,27 @@ def _apply(args: argparse.Namespace, inventory) -> int:
             print(f"{name}: out of date (image or identity changed); run 'labctl apply "
                   f"--replace {args.inventory}' to re-create it")
         _print_access(args.inventory, data)
-    for name, error in result.failed.items():
-        print(f"labctl: error: {error}", file=sys.stderr)
+    _print_failed(result)
     if result.held:
         print(f"labctl: not made because their pool stopped: {', '.join(sorted(result.held))}",
               file=sys.stderr)
-    return 1 if result.failed else 0
+    return 1 if result.failed or result.unreached else 0
+
+
+def _print_failed(result: ApplyResult) -> None:
+    """Print one line per failed desktop; the fix for a lost libvirtd only once, last."""
+    lost = False
+    for error in result.failed.values():
+        if lost_libvirtd(error):
+            lost = True
+            if error.fix == RECONNECT_FIX:
+                error = LabctlError(error.message, where=error.where)
+        print(f"labctl: error: {error}", file=sys.stderr)
+    if result.unreached:
+        print("labctl: not tried because the connection to libvirtd broke: "
+              f"{', '.join(sorted(result.unreached))}", file=sys.stderr)
+    if lost or result.unreached:
+        print(f"labctl: error: {RECONNECT_FIX}", file=sys.stderr)
 
 
 def _say(args: argparse.Namespace, text: str) -> None:
@@ -262,9 +299,8 @@ def run_refresh(args: argparse.Namespace) -> int:
             result = refresh_desktops(plan, args.desktops, printer)
         finally:
             plan.close()
-    for name, error in result.failed.items():
-        print(f"labctl: error: {error}", file=sys.stderr)
-    return 1 if result.failed else 0
+    _print_failed(result)
+    return 1 if result.failed or result.unreached else 0
 
 
 def run_destroy(args: argparse.Namespace) -> int:

@@ -2,6 +2,10 @@
 
 libvirt prints its errors to stderr from a default handler; labctl turns them into
 ``HostError`` instead, so the handler is replaced once here.
+
+labctl never reuses a connection across runs: each plan opens fresh ones and closes
+them. A connection that breaks (libvirtd stopped or restarted) fails the rest of that
+run with RECONNECT_FIX; ``labctl run`` then opens new ones at its next pass.
 """
 
 from __future__ import annotations
@@ -22,6 +26,11 @@ DEFAULT_URI = "qemu:///system"
 
 _handler_installed = False
 _lock = threading.Lock()
+
+
+class HostUnreachable(HostError):
+    """libvirt.open failed because libvirtd does not run there, does not respond, or the
+    URI is wrong."""
 
 
 def _ignore_libvirt_error(_ctx: object, _err: object) -> None:
@@ -49,7 +58,7 @@ def open_connection(uri: str = DEFAULT_URI, *, read_only: bool = False) -> libvi
     try:
         conn = libvirt.openReadOnly(uri) if read_only else libvirt.open(uri)
     except libvirt.libvirtError as exc:
-        raise HostError(
+        raise HostUnreachable(
             f"cannot connect to libvirt: {exc.get_error_message()}",
             where=uri,
             fix="check that libvirtd runs there (scripts/host-setup starts it locally) "
@@ -80,7 +89,8 @@ def is_local(uri: str) -> bool:
 
 
 # The fix for an error of a libvirt connection that broke (libvirtd stopped or restarted).
-# NOTE: labctl does not reconnect, so the rest of the run fails on that connection too.
+# A one-shot command fails on that connection for the rest of its run; `labctl run`
+# opens a new connection at its next pass.
 RECONNECT_FIX = ("the connection to libvirtd was lost: check that libvirtd runs, then run "
                  "the command again, which removes what this run left half-made")
 
@@ -97,5 +107,23 @@ def connection_lost(exc: BaseException) -> bool:
 
 def libvirt_failure(what: str, exc: libvirt.libvirtError, *, where: str | None = None) -> HostError:
     """Return a HostError for a failed libvirt call, with a fix if the connection broke."""
-    return HostError(f"{what}: {exc.get_error_message() or exc}", where=where,
-                     fix=RECONNECT_FIX if connection_lost(exc) else None)
+    error = HostError(f"{what}: {exc.get_error_message() or exc}", where=where,
+                      fix=RECONNECT_FIX if connection_lost(exc) else None)
+    error.__cause__ = exc
+    return error
+
+
+def lost_libvirtd(exc: BaseException) -> bool:
+    """Return whether ``exc`` or one of its causes is a lost or unreachable libvirtd.
+
+    That is a connection that broke in a call, or one that could not be opened. It is an
+    error of the host, not of the desktop or the call that met it.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, HostUnreachable) or connection_lost(current):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or getattr(current, "cause", None)
+    return False

@@ -123,9 +123,24 @@ def resolve(name: str, version: str | None = None) -> ImageVersion:
         wanted = f"{name}@{version}" if version else name
         raise ImageError(
             f"image {wanted} is not in the catalog (known: {', '.join(known)})",
-            fix=f"run 'labctl image build {name}' or 'labctl image import PATH --name {name}'",
+            fix=_missing_fix(name, version),
         )
     return max(candidates, key=lambda image: image.created)
+
+
+def _missing_fix(name: str, version: str | None) -> str:
+    """Return the command that puts image ``name`` into the catalog: only a recipe's name
+    can be built; any other image is imported from its file."""
+    from orchestrator.images.recipes import RECIPES  # recipes imports this module
+
+    imported = f"'labctl image import PATH --name {name}'"
+    if version:
+        return (f"run 'labctl image list' for the versions there are, or import that version's "
+                f"file with {imported}")
+    if name in RECIPES:
+        return f"run 'labctl image build {name}' or {imported}"
+    return (f"run {imported} with the image's file ({name} is no recipe of labctl image "
+            f"build, which knows {', '.join(sorted(RECIPES))})")
 
 
 def find_by_recipe(name: str, recipe_hash: str) -> ImageVersion | None:

@@ -6,8 +6,8 @@ from typing import Any
 
 from orchestrator.errors import InventoryError
 from orchestrator.inventory.fields import KEY_RE, KEY_RULE
-from orchestrator.inventory.messages import did_you_mean, join_choices, quote
-from orchestrator.inventory.model import DEFAULT_HOST, Inventory, Pool
+from orchestrator.inventory.messages import did_you_mean, join_choices, quote, unknown_key
+from orchestrator.inventory.model import DEFAULT_HOST, Host, Inventory, Pool
 from orchestrator.inventory.naming import (
     FQDN_MAX,
     HOSTNAME_MAX,
@@ -17,7 +17,7 @@ from orchestrator.inventory.naming import (
     expand_hostname,
     parse_pattern,
 )
-from orchestrator.inventory.positions import YamlMap
+from orchestrator.inventory.positions import YamlMap, dotted
 
 KEYED_SECTIONS = {"hosts": "host", "images": "image", "networks": "network", "pools": "pool"}
 # Desktops of all pools together; far above a classroom, low enough to expand names quickly.
@@ -46,7 +46,7 @@ def check_defaults_keys(defaults: YamlMap) -> None:
         if key not in allowed:
             hint = did_you_mean(key, allowed)
             raise InventoryError(
-                f"defaults: unknown key {quote(key)}",
+                f"defaults: unknown key {unknown_key(key)}",
                 where=str(defaults.mark_of(key)),
                 fix=hint or f"defaults take pool keys: {', '.join(allowed)}",
             )
@@ -54,6 +54,8 @@ def check_defaults_keys(defaults: YamlMap) -> None:
 
 def check_inventory(inventory: Inventory) -> None:
     """Raise on a pool that names a missing host, image or network, or on clashing names."""
+    for key, host in inventory.hosts.items():
+        _check_host_storage(inventory, key, host)
     for name, pool in inventory.pools.items():
         _check_reference(inventory, name, "image", pool.image, inventory.images)
         _check_reference(inventory, name, "host", pool.host, inventory.hosts)
@@ -90,8 +92,42 @@ def _check_reference(
     )
 
 
+def _check_host_storage(inventory: Inventory, key: str, host: Host) -> None:
+    """Raise on a storage pool name or directory that a host lists twice."""
+    own = ("hosts", key, "storage")
+    names = {host.storage.pool: (*own, "pool")}
+    directories = {_directory(host.storage.path): (*own, "path")}
+    for index, extra in enumerate(host.storage_pools):
+        entry = ("hosts", key, "storage_pools", index)
+        _once(inventory, names, extra.pool, (*entry, "pool"), "storage pool",
+              "give each storage pool its own name, or remove this entry")
+        _once(inventory, directories, _directory(extra.path), (*entry, "path"), "directory",
+              "give each storage pool a directory of its own")
+
+
+def _directory(path: str) -> str:
+    return path.rstrip("/") or "/"
+
+
+def _once(inventory: Inventory, seen: dict[str, tuple[str | int, ...]], value: str,
+          path: tuple[str | int, ...], what: str, fix: str) -> None:
+    """Raise if ``value`` is in ``seen`` already; else remember where it is."""
+    first = seen.setdefault(value, path)
+    if first != path:
+        raise InventoryError(
+            f"{dotted(path)}: {what} {quote(value)} is listed twice (first as "
+            f"{dotted(first)})",
+            where=inventory.where(path), fix=fix,
+        )
+
+
 def _check_storage(inventory: Inventory, name: str, pool: Pool) -> None:
-    """Raise on a pools.NAME.storage entry that is not a storage pool of the pool's host."""
+    """Raise on a pools.NAME.storage entry that is not a storage pool of the pool's host,
+    or one listed twice."""
+    seen: dict[str, tuple[str | int, ...]] = {}
+    for position, storage in enumerate(pool.storage):
+        _once(inventory, seen, storage, ("pools", name, "storage", position), "storage pool",
+              "list each storage pool once")
     host = inventory.hosts.get(pool.host)
     if host is None or not pool.storage:
         return

@@ -210,6 +210,31 @@ def _absolute_path(value: str) -> str:
 
 AbsolutePath = Annotated[str, AfterValidator(_absolute_path)]
 
+# Directories a storage pool must not be: labctl writes, lists and (at destroy) deletes
+# the volumes of its pools, and a pool's directory is created and owned for QEMU.
+SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32",
+                "/proc", "/sbin", "/sys", "/usr")  # and everything below them
+SYSTEM_DIRECTORIES = ("/", "/home", "/media", "/mnt", "/opt", "/root", "/run", "/srv",
+                      "/tmp", "/var", "/var/lib", "/var/lib/libvirt", "/var/log", "/var/run")
+
+
+def _storage_path(value: str) -> str:
+    _absolute_path(value)
+    path = posixpath.normpath(value.rstrip("/") or "/").replace("//", "/")
+    inside = next((tree for tree in SYSTEM_TREES
+                   if path == tree or path.startswith(f"{tree}/")), None)
+    if inside is not None or path in SYSTEM_DIRECTORIES:
+        where = f"inside the system directory {inside}" if inside else "a system directory"
+        raise labctl_error(
+            f"path {quote(value)} is {where}: a storage pool there would mix desktop "
+            "disks with the system's files",
+            fix="give the pool a directory of its own, such as /var/lib/labctl/pool",
+        )
+    return value
+
+
+StoragePath = Annotated[str, AfterValidator(_storage_path)]
+
 
 def _shell(value: str) -> str:
     _absolute_path(value)

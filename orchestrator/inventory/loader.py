@@ -20,7 +20,7 @@ from typing import Any
 from orchestrator.errors import InventoryError
 from orchestrator.inventory import checks, templating, validation
 from orchestrator.inventory.fields import INVENTORY_NAME_RE, INVENTORY_NAME_RULE
-from orchestrator.inventory.messages import a_yaml_type, did_you_mean, quote
+from orchestrator.inventory.messages import a_yaml_type, did_you_mean, quote, unknown_key
 from orchestrator.inventory.model import Inventory
 from orchestrator.inventory.positions import Mark, PositionTable, YamlList, YamlMap
 from orchestrator.inventory.yamlparse import NodeBudget, parse_yaml, read_text
@@ -130,7 +130,7 @@ def _check_top_level(data: Any, display: str, *, is_main: bool) -> YamlMap:
         if key not in TOP_LEVEL_KEYS:
             hint = did_you_mean(key, TOP_LEVEL_KEYS)
             raise InventoryError(
-                f"unknown top-level key {key!r}",
+                f"unknown top-level key {unknown_key(key)}",
                 where=str(data.mark_of(key)),
                 fix=hint or f"allowed keys: {', '.join(TOP_LEVEL_KEYS)}",
             )

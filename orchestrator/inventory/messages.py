@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 from typing import Any
 
 MAX_QUOTED_CHARS = 60
+# An unknown key is echoed only if it is a plain name without these words: a key such as
+# "admin_password hunter2" or "token=abc" (a missing colon) carries its value along.
+PLAIN_KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,40}")
+SECRET_WORDS = ("pass", "secret", "token", "key", "hash", "credential", "private", "auth")
+HIDDEN_KEY = "(not shown: it may hold a secret)"
 
 
 def quote(value: object) -> str:
@@ -16,6 +22,14 @@ def quote(value: object) -> str:
         text = text[: MAX_QUOTED_CHARS - 3] + "..."
     # repr escapes newlines, NUL and other control characters, so the message stays one line.
     return repr(text)
+
+
+def unknown_key(key: str) -> str:
+    """Quote an unknown key for a message, or return HIDDEN_KEY if it may hold a secret."""
+    lowered = key.lower()
+    if PLAIN_KEY_RE.fullmatch(key) and not any(word in lowered for word in SECRET_WORDS):
+        return quote(key)
+    return HIDDEN_KEY
 
 
 def yaml_type(value: Any) -> str:

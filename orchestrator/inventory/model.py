@@ -32,6 +32,7 @@ from orchestrator.inventory.fields import (
     PosixUser,
     ShellPath,
     SshPublicKey,
+    StoragePath,
     TimeZone,
     labctl_error,
     size_type,
@@ -63,7 +64,7 @@ class StoragePool(StrictModel):
     """The libvirt directory storage pool of a host; labctl creates it at ``path`` if missing."""
 
     pool: Key = DEFAULT_STORAGE_POOL
-    path: AbsolutePath = DEFAULT_STORAGE_PATH
+    path: StoragePath = DEFAULT_STORAGE_PATH
 
 
 class Limits(StrictModel):
@@ -248,6 +249,17 @@ class RecomposePolicy(StrictModel):
         0, description="Ready desktops kept during the roll."
     )
 
+    @model_validator(mode="after")
+    def _grace_needs_force(self) -> RecomposePolicy:
+        if "grace" in self.model_fields_set and self.strategy != "force":
+            raise labctl_error(
+                f"grace applies only to strategy: force; with {self.strategy} a desktop in "
+                "use is recomposed when its user releases it, however long that takes",
+                fix="remove grace: or set strategy: force",
+                field="grace",
+            )
+        return self
+
 
 class User(StrictModel):
     """A user account created at first boot."""
@@ -400,9 +412,6 @@ class Pool(StrictModel):
                 fix=f"lower min_ready: to at most {self.size - 1}",
                 field="recompose",
             )
-        if len(set(self.storage)) != len(self.storage):
-            raise labctl_error("a storage pool is listed twice", fix="list each once",
-                               field="storage")
 
     @property
     def power_policy(self) -> str:

@@ -14,7 +14,13 @@ from typing import Any, Union, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 
 from orchestrator.errors import InventoryError
-from orchestrator.inventory.messages import describe, did_you_mean, join_choices, quote
+from orchestrator.inventory.messages import (
+    describe,
+    did_you_mean,
+    join_choices,
+    quote,
+    unknown_key,
+)
 from orchestrator.inventory.model import Inventory
 from orchestrator.inventory.positions import KeyPath, PositionTable, dotted
 
@@ -182,7 +188,8 @@ def _unknown_key(loc: tuple[Any, ...], path: KeyPath, positions: PositionTable) 
     hint = did_you_mean(key, allowed)
     fix = hint or (f"allowed keys here: {', '.join(allowed)}" if allowed else None)
     return InventoryError(
-        f"{dotted(path[:-1])}: unknown key {quote(key)}", where=positions.where(path), fix=fix
+        f"{dotted(path[:-1])}: unknown key {unknown_key(key)}", where=positions.where(path),
+        fix=fix
     )
 
 

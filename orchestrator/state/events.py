@@ -98,14 +98,17 @@ class PoolError:
     message: str
 
 
-def stop_pool(inventory: str, pool: str, desktop: str, message: str) -> None:
-    """Record the error that stops a pool's provisioning (the first one is kept)."""
+def stop_pool(inventory: str, pool: str, desktop: str, message: str) -> bool:
+    """Record the error that stops a pool's provisioning. The first error is kept.
+
+    Returns whether this call stopped the pool, so callers record one "stopped" event."""
     with _database() as db:
-        db.execute(
+        cursor = db.execute(
             "INSERT OR IGNORE INTO pool_errors (inventory, pool, time, desktop, message) "
             "VALUES (?, ?, ?, ?, ?)",
             (inventory, pool, time.time(), desktop, message),
         )
+    return cursor.rowcount > 0
 
 
 def stopped_pools(inventory: str) -> dict[str, PoolError]:
