@@ -1,7 +1,7 @@
 """The crash matrix: labctl killed after a step of each operation, then `labctl apply`.
 
 For every operation (linked, full, instant child by fork and by restore, parent VM
-build by fork and by restore, refresh of a linked and of a fork desktop) and every
+build by fork and by restore, refresh of a linked, a full and a fork desktop) and every
 step in LABCTL_CRASH_MATRIX=full, or a subset of steps in CI, a case kills labctl
 with SIGKILL right after the step and checks that the next apply converges to the
 inventory (the desktop ready, a refreshed one with its old UUID and MAC) and leaves no
