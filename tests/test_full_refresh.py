@@ -6,14 +6,17 @@ after ready is on the qcow2 disk, and a revert to the snapshot removes it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
 import subprocess
 from pathlib import Path
 
+import libvirt
 import pytest
-from conftest import run_labctl, unique_name
+import yaml
+from conftest import TEST_POOL, TEST_POOL_PATH, URI, run_labctl, unique_name
 
 from orchestrator.provision.snapshot import SNAPSHOT_NAME
 
@@ -169,3 +172,53 @@ def test_full_refresh_revert_failure(make_inventory, tmp_path):
     assert after["uuid"] == before["uuid"]
     assert after["mac"] == before["mac"]
     assert after["snapshot"] is not None, "the re-created desktop took no snapshot"
+
+
+@pytest.fixture
+def other_storage(conn):
+    """A second directory storage pool with a unique name, removed after the test."""
+    name = unique_name("fsp")
+    path = f"/var/lib/labctl/{name}"
+    yield name, path
+    with contextlib.suppress(libvirt.libvirtError):
+        storage = conn.storagePoolLookupByName(name)
+        if storage.isActive():
+            storage.refresh(0)
+            for volume in storage.listAllVolumes(0):
+                volume.delete(0)
+            storage.destroy()
+        storage.undefine()
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+
+
+def test_full_refresh_after_move(other_storage, make_inventory):
+    """A rebalance move copies the whole qcow2 file, so the snapshot moves with it."""
+    storage, storage_path = other_storage
+    prefix = unique_name("f")
+    name = f"{prefix}1"
+    hosts = {"local": {"uri": URI, "storage": {"pool": TEST_POOL, "path": TEST_POOL_PATH},
+                       "storage_pools": [{"pool": storage, "path": storage_path}]}}
+    path = make_inventory({"lab": full_pool(prefix) | {"storage": [TEST_POOL]}}, hosts=hosts)
+    ok("apply", str(path))
+    before = desktop(path, name)
+
+    document = yaml.safe_load(path.read_text())
+    document["pools"]["lab"]["storage"] = [storage]
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    ok("rebalance", str(path))
+    moved = desktop(path, name)
+    disk = moved["disk"]["path"]
+    assert os.path.dirname(disk) == storage_path, f"{name} was not moved: {disk}"
+    assert snapshot_names(disk) == [SNAPSHOT_NAME], "the move lost the snapshot"
+    assert moved["snapshot"] is not None, "the move dropped the recorded snapshot"
+    assert moved["snapshot"]["taken"] == before["snapshot"]["taken"]
+
+    write_marker(path, name)
+    refreshed = ok("refresh", str(path), name)
+    assert "revert" in refreshed.stdout, f"refresh did not revert:\n{refreshed.stdout}"
+    after = desktop(path, name)
+    assert after["disk"]["path"] == disk
+    assert identity(after) == identity(before), "the refresh changed the identity"
+    listed = guest(path, name, f"test -e {MARKER} && echo present || echo absent")
+    assert "absent" in listed.stdout, f"the marker survived the refresh: {listed.stdout}"
