@@ -1,7 +1,7 @@
 """Refresh of a full clone by reverting its OS disk to the post-customization snapshot.
 
 The desktop keeps its domain, so its name, UUID, MAC, SSH port, seed and assignment
-stay as they are. Its identity generation does not change either, so cloud-init sees
+stay as they are. Its identity generation does not change either, so cloud-init reads
 the same instance-id and does not run its first-boot modules again. The steps:
 mark the record "refreshing", power the domain off, ``qemu-img snapshot -a``, start it,
 wait until ready, record it ready.

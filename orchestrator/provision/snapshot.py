@@ -41,11 +41,11 @@ def recorded_snapshot(record: DesktopRecord) -> str:
 
 def snapshot_age(record: DesktopRecord) -> int | None:
     """Return the age of the recorded snapshot in seconds, or None without one."""
-    taken = record.extra.get(TAKEN_KEY, "")
-    if not recorded_snapshot(record) or not taken:
+    taken_at = record.extra.get(TAKEN_KEY, "")
+    if not recorded_snapshot(record) or not taken_at:
         return None
     try:
-        when = datetime.fromisoformat(taken)
+        when = datetime.fromisoformat(taken_at)
     except ValueError:
         return None
     return int((datetime.now(timezone.utc) - when).total_seconds())
@@ -54,8 +54,8 @@ def snapshot_age(record: DesktopRecord) -> int | None:
 def take_snapshot(domain: libvirt.virDomain, disk: str, record: DesktopRecord) -> None:
     """Take the internal snapshot of the running domain's ``disk`` and note it in ``record``.
 
-    Raises StorageError if QEMU refuses the snapshot; the guest is thawed or resumed
-    whatever happens.
+    Raises StorageError if QEMU rejects the snapshot. A finally block thaws or resumes
+    the guest in every case.
     """
     node = format_node(domain, disk)
     frozen = _freeze(domain)
@@ -72,9 +72,9 @@ def take_snapshot(domain: libvirt.virDomain, disk: str, record: DesktopRecord) -
             domain.resume()
     record.extra[NAME_KEY] = SNAPSHOT_NAME
     record.extra[TAKEN_KEY] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    how = "file systems frozen" if frozen else "domain paused"
+    method = "file systems frozen" if frozen else "domain paused"
     log.info("%s: took internal snapshot %s of %s (%s)", domain.name(), SNAPSHOT_NAME, disk,
-             how)
+             method)
 
 
 def format_node(domain: libvirt.virDomain, disk: str) -> str:
@@ -92,12 +92,12 @@ def format_node(domain: libvirt.virDomain, disk: str) -> str:
 
 
 def _freeze(domain: libvirt.virDomain) -> bool:
-    """Freeze the guest's file systems; return False if the agent cannot."""
+    """Freeze the guest's file systems and return True, or return False if the agent cannot."""
     try:
         agent.command(domain, "guest-fsfreeze-freeze", timeout=FREEZE_TIMEOUT)
     except GuestError as exc:
-        log.info("%s: guest agent cannot freeze the file systems (%s); pausing the domain "
-                 "for the snapshot instead", domain.name(), exc.message)
+        log.info("%s: guest agent cannot freeze the file systems (%s), so the domain is "
+                 "paused for the snapshot instead", domain.name(), exc.message)
         # A freeze that timed out may still have frozen the guest.
         _thaw(domain)
         return False
@@ -124,7 +124,8 @@ def _qmp(domain: libvirt.virDomain, execute: str, arguments: dict | None = None)
         reply = json.loads(libvirt_qemu.qemuMonitorCommand(domain, json.dumps(request), 0))
     except libvirt.libvirtError as exc:
         raise StorageError(f"QMP {execute} failed: {exc.get_error_message()}",
-                           where=domain.name()) from exc
+                           where=domain.name(),
+                           fix="check that the domain runs and libvirtd is reachable") from exc
     if "error" in reply:
         raise StorageError(f"QMP {execute} failed: {reply['error'].get('desc', reply['error'])}",
                            where=domain.name(),
