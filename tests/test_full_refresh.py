@@ -17,6 +17,7 @@ import libvirt
 import pytest
 import yaml
 from conftest import TEST_POOL, TEST_POOL_PATH, URI, run_labctl, unique_name
+from test_recompose import pin, two_versions  # noqa: F401 (two_versions is a fixture)
 
 from orchestrator.provision.snapshot import SNAPSHOT_NAME
 
@@ -222,3 +223,32 @@ def test_full_refresh_after_move(other_storage, make_inventory):
     assert identity(after) == identity(before), "the refresh changed the identity"
     listed = guest(path, name, f"test -e {MARKER} && echo present || echo absent")
     assert "absent" in listed.stdout, f"the marker survived the refresh: {listed.stdout}"
+
+
+def test_full_recompose_takes_new_snapshot(make_inventory, two_versions):
+    """A recompose copies the new image and snapshots it; a refresh then stays on it."""
+    catalog_name, old, new = two_versions
+    prefix = unique_name("f")
+    name = f"{prefix}1"
+    spec = full_pool(prefix) | {"image": "gold"}
+    path = make_inventory({"lab": spec},
+                          images={"gold": {"catalog": catalog_name, "version": old.version}})
+    ok("apply", str(path))
+    before = desktop(path, name)
+    assert before["image"] == old.ref
+
+    pin(path, catalog_name, new.version)
+    ok("recompose", str(path))
+    after = desktop(path, name)
+    assert after["image"] == new.ref, f"{name} is still on {after['image']}"
+    assert after["generation"] == before["generation"] + 1, "the desktop was not re-created"
+    assert after["uuid"] == before["uuid"]
+    assert after["snapshot"] is not None, "the recomposed desktop took no snapshot"
+    assert after["snapshot"]["taken"] > before["snapshot"]["taken"], "the snapshot is old"
+    assert snapshot_names(after["disk"]["path"]) == [SNAPSHOT_NAME]
+
+    refreshed = ok("refresh", str(path), name)
+    assert "revert" in refreshed.stdout, f"refresh did not revert:\n{refreshed.stdout}"
+    final = desktop(path, name)
+    assert final["image"] == new.ref
+    assert final["generation"] == after["generation"], "the refresh re-created the desktop"
