@@ -105,6 +105,26 @@ def test_full_refresh_reverts_snapshot(make_inventory):
     assert new_boot_id != boot_id, "the guest did not boot again"
 
 
+def test_full_refresh_drops_managed_save(make_inventory):
+    """A suspended desktop's saved memory predates the revert, so it must not come back."""
+    prefix = unique_name("f")
+    name = f"{prefix}1"
+    path = make_inventory({"lab": full_pool(prefix)})
+    ok("apply", str(path))
+    boot_id = write_marker(path, name)
+    subprocess.run(["virsh", "-q", "-c", URI, "managedsave", name], check=True,
+                   capture_output=True)
+    assert desktop(path, name)["state"] == "saved", "virsh managedsave did not save it"
+
+    ok("refresh", str(path), name)
+    after = desktop(path, name)
+    assert after["state"] == "running", f"{name} is {after['state']} after the refresh"
+    new_boot_id = guest(path, name, "cat /proc/sys/kernel/random/boot_id").stdout.strip()
+    assert new_boot_id != boot_id, "the saved memory was restored onto the reverted disk"
+    listed = guest(path, name, f"test -e {MARKER} && echo present || echo absent")
+    assert "absent" in listed.stdout, f"the marker survived the refresh: {listed.stdout}"
+
+
 def test_full_refresh_without_snapshot_copies(make_inventory):
     """A full clone whose snapshot is gone from the disk gets a new copy of the image."""
     prefix = unique_name("f")

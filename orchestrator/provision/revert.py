@@ -81,7 +81,7 @@ class SnapshotRefresh:
             Step("claim", self.mark_refreshing, self.mark_failed),
             Step("stop", self.stop),
             Step("revert", self.revert),
-            Step("start", self.start, self.stop),
+            Step("start", self.start, self.power_off),
             Step("ready", self.wait_ready),
             Step("record", self.record_ready),
         ]
@@ -111,7 +111,16 @@ class SnapshotRefresh:
         self._write_state("failed")
 
     def stop(self) -> None:
-        """Power the domain off at once: the refresh discards what the guest has written."""
+        """Power the domain off at once, because the refresh discards what the guest wrote.
+
+        A managed save image goes too: its memory belongs to the disk before the revert,
+        so resuming it on the reverted disk would corrupt the file system.
+        """
+        self.power_off()
+        if self.domain.hasManagedSaveImage(0):
+            self.domain.managedSaveRemove(0)
+
+    def power_off(self) -> None:
         with contextlib.suppress(libvirt.libvirtError):
             if self.domain.isActive():
                 self.domain.destroy()
