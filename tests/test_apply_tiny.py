@@ -421,9 +421,9 @@ def test_refresh_keeps_identity_new_disk(lab, clone):
     after = status_desktops(path)[name]
     for key in ("uuid", "mac", "machine_id", "hostname"):
         assert after[key] == before[key], f"{key} changed: {before[key]} -> {after[key]}"
-    # A new disk is a new cloud-init instance; a reverted one keeps its identity generation.
-    step = 0 if clone == "full" else 1
-    assert after["generation"] == before["generation"] + step
+    # A new disk is a new cloud-init instance, but a reverted one keeps its generation.
+    increment = 0 if clone == "full" else 1
+    assert after["generation"] == before["generation"] + increment
     assert after["ssh"]["port"] == before["ssh"]["port"]
     marker = guest_output(path, name, "test", "-e", "/data/refresh-marker")
     assert marker.returncode != 0, "the refreshed desktop still has the file written before"
