@@ -41,7 +41,7 @@ OPERATION_KIND = "snapshot-refresh"
 def fallback_reason(ctx: HostContext, record: DesktopRecord | None,
                     request: DesktopRequest) -> str:
     """Return why a desktop cannot be refreshed from its snapshot, or "" if it can."""
-    if record is None or record.clone != "full" or request.clone != "full":
+    if record is None or record.clone != "full":
         return "it is not a full clone"
     name = snapshot.recorded_snapshot(record)
     if not name:
@@ -49,7 +49,8 @@ def fallback_reason(ctx: HostContext, record: DesktopRecord | None,
                "the snapshot failed)"
     if not is_local(ctx.settings.uri):
         return f"its host {ctx.settings.uri} is remote and the revert runs qemu-img locally"
-    if record.config_hash != request.config_hash():
+    # The hash covers the clone method too, so a pool changed to linked lands here.
+    if request.clone != "full" or record.config_hash != request.config_hash():
         return "its image, clone method, disk, network or identity settings changed"
     try:
         names = qemuimg.snapshot_names(record.disk)
