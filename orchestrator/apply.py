@@ -24,6 +24,7 @@ from orchestrator.instant.child import ChildProvisioning
 from orchestrator.provision.desktop import KeptIdentity, Provisioning
 from orchestrator.provision.request import DesktopRequest
 from orchestrator.provision.hardware import update_hardware
+from orchestrator.provision import revert
 from orchestrator.provision.remove import remove_desktop, remove_unused_bases
 from orchestrator.provision.steps import EventSink, Step, run_steps
 from orchestrator.instant import parent
@@ -329,14 +330,38 @@ def refresh_free(ctx: HostContext, inventory: str, request: DesktopRequest,
                  access_key: keys.KeyPair, on_event: EventSink) -> dict[str, float]:
     """Refresh a desktop if it is still free; one checked out since the plan waits for its
     release."""
-    # NOTE: a full clone is refreshed with a new copy of the image. A snapshot taken when
-    # it was first ready, reverted here, would keep its customization and skip the copy.
     domain = ctx.conn.lookupByName(request.name)
     if claims.claim_free(domain, inventory, request.pool, "refreshing") is None:
         log.info("%s: in use or busy since the plan; its refresh waits for its release",
                  request.name)
         return {}
-    return recreate_desktop(ctx, inventory, request, access_key, on_event)
+    return refresh_desktop(ctx, inventory, request, access_key, on_event)
+
+
+def refresh_desktop(ctx: HostContext, inventory: str, request: DesktopRequest,
+                    access_key: keys.KeyPair, on_event: EventSink) -> dict[str, float]:
+    """Bring a desktop back to its state right after customization, keeping its identity.
+
+    A full clone with a post-customization snapshot is reverted to it. Every other
+    desktop is re-created (see recreate_desktop). Takes one slot of the host's
+    provisioning throttle.
+    """
+    with ctx.provisioning:
+        try:
+            domain = ctx.conn.lookupByName(request.name)
+        except libvirt.libvirtError:
+            return _recreate(ctx, inventory, request, access_key, on_event)
+        record = metadata.read(domain)
+        reason = revert.fallback_reason(ctx, record, request)
+        if not reason:
+            assert record is not None
+            job = revert.SnapshotRefresh(ctx, request, domain, record, access_key.private,
+                                         on_event)
+            return job.run()
+        if record is not None and record.clone == "full":
+            log.info("%s: refreshed with a new copy of the image, not from a snapshot: %s",
+                     request.name, reason)
+        return _recreate(ctx, inventory, request, access_key, on_event)
 
 
 def recreate_desktop(ctx: HostContext, inventory: str, request: DesktopRequest,
@@ -411,11 +436,12 @@ def _provision(ctx: HostContext, request: DesktopRequest, access_key: keys.KeyPa
 
 
 def refresh_desktops(plan: Plan, names: list[str], on_event: EventSink) -> ApplyResult:
-    """Re-create desktops from their image under the same name, UUID, MAC and SSH port.
+    """Refresh desktops under the same name, UUID, MAC and SSH port.
 
-    Linked and full clones get a new OS disk from the replica; instant clones are
-    re-forked from the parent. The identity generation goes up, so cloud-init treats
-    the clean disk as a new instance of the same desktop.
+    A full clone with a post-customization snapshot is reverted to it. Other linked and
+    full clones get a new OS disk from the replica, and instant clones are re-forked
+    from the parent. For those the identity generation goes up, so cloud-init treats the
+    clean disk as a new instance of the same desktop.
     """
     result = ApplyResult()
     by_name = {action.desktop: action for action in plan.actions}
@@ -441,5 +467,5 @@ def refresh_desktops(plan: Plan, names: list[str], on_event: EventSink) -> Apply
 def _refresh(plan: Plan, action: Action, access_key: keys.KeyPair,
              on_event: EventSink) -> None:
     assert action.request is not None
-    recreate_desktop(plan.hosts[action.host], plan.inventory.name, action.request, access_key,
-                     on_event)
+    refresh_desktop(plan.hosts[action.host], plan.inventory.name, action.request, access_key,
+                    on_event)

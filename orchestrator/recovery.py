@@ -15,6 +15,8 @@ recorded, and either adopts it or lists it as a leftover to remove:
   definition again, marked failed, so the desktop keeps its name, UUID and MAC.
 - a disk move (rebalance) is rolled back to the old disk, or finished once the copy
   was started (see storage/move_recovery.py).
+- a full clone's refresh from its snapshot that stopped before the desktop was ready
+  powers it off and marks it failed, so the next apply re-creates it.
 
 Other operation kinds register their own finder with ``register``.
 """
@@ -266,9 +268,38 @@ def find_move_leftovers(sweep: Sweep, ctx: HostContext, operation: journal.Opera
     move_recovery.find_move_leftovers(sweep, ctx, operation)
 
 
+def find_snapshot_refresh_leftovers(sweep: Sweep, ctx: HostContext,
+                                    operation: journal.Operation) -> None:
+    """Mark a full clone failed if a refresh from its snapshot stopped before it was ready.
+
+    Its disk may be reverted or not and its domain may be off, so the next apply
+    re-creates it with a new copy of the image. The domain keeps its name, UUID and MAC.
+    """
+    name = operation.artifacts.domain
+    domain = _lookup(ctx, name)
+    record = metadata.read(domain) if domain is not None else None
+    if record is None or record.inventory != operation.inventory or record.state == "ready":
+        return
+    sweep.add(Leftover(operation.id, "domain", name, ctx.settings.uri, "mark failed",
+                       f"a refresh from its snapshot stopped with the desktop {record.state}",
+                       lambda: _mark_failed(domain)))
+
+
+def _mark_failed(domain: libvirt.virDomain) -> None:
+    """Power a desktop off and record it failed, so the next apply re-creates it."""
+    with contextlib.suppress(libvirt.libvirtError):
+        if domain.isActive():
+            domain.destroy()
+    record = metadata.read(domain)
+    if record is not None:
+        record.state = "failed"
+        metadata.write(domain, record)
+
+
 register("parent-build", find_parent_leftovers)
 register("refresh", find_refresh_leftovers)
 register("move", find_move_leftovers)
+register("snapshot-refresh", find_snapshot_refresh_leftovers)
 
 
 def lookup_domain(ctx: HostContext, name: str) -> libvirt.virDomain | None:

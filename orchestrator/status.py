@@ -11,6 +11,7 @@ from orchestrator.errors import ImageError
 from orchestrator.hosts.context import HostContext
 from orchestrator.instant.parent import ParentRecord, inventory_parents
 from orchestrator.plan import observed_desktops
+from orchestrator.provision import snapshot
 from orchestrator.state import events
 from orchestrator.state.metadata import DesktopRecord
 from orchestrator.storage import qemuimg
@@ -55,7 +56,17 @@ def desktop_status(domain: libvirt.virDomain, record: DesktopRecord) -> dict:
         "assigned_to": record.assigned_to,
         "session": {"user": record.session_user, "since": record.session_since}
         if record.session_user else None,
+        "snapshot": _snapshot(record),
     }
+
+
+def _snapshot(record: DesktopRecord) -> dict | None:
+    """Return a full clone's post-customization snapshot: name, time taken and age."""
+    age = snapshot.snapshot_age(record)
+    if age is None:
+        return None
+    return {"name": snapshot.recorded_snapshot(record),
+            "taken": record.extra.get(snapshot.TAKEN_KEY, ""), "age_seconds": age}
 
 
 def _chain(path: str) -> list[dict]:

@@ -48,6 +48,10 @@ RETRY_PAUSE = 10.0
 T = TypeVar("T")
 
 DESKTOP_STEPS = ("check", "identity", "os-disk", "seed", "define", "start", "ready", "record")
+# A full clone takes its post-customization snapshot once it is ready.
+FULL_STEPS = (*DESKTOP_STEPS[:-1], "snapshot", "record")
+# A full clone's refresh from that snapshot.
+REVERT_STEPS = ("claim", "stop", "revert", "start", "ready", "record")
 CHILD_STEPS = ("check", "parent", "identity", "os-disk", "seed", "clone", "cloneprep", "nic",
                "verify", "persist", "ready", "record")
 PARENT_STEPS = ("check", "identity", "os-disk", "seed", "define", "start", "ready", "prepare",
@@ -79,7 +83,7 @@ class Operation:
 
 OPERATIONS = (
     Operation("linked", "linked", steps=DESKTOP_STEPS, ci_steps=("os-disk",)),
-    Operation("full", "full", steps=DESKTOP_STEPS, ci_steps=("define",)),
+    Operation("full", "full", steps=FULL_STEPS, ci_steps=("define",)),
     Operation("fork-child", "instant", "fork", CHILD_STEPS, ("persist",)),
     Operation("restore-child", "instant", "restore", CHILD_STEPS, ("clone",)),
     Operation("fork-parent", "instant", "fork", PARENT_STEPS, ("save",), in_parent=True),
@@ -87,6 +91,8 @@ OPERATIONS = (
               in_parent=True),
     Operation("refresh-linked", "linked", steps=REFRESH_STEPS,
               ci_steps=("remove-old",), command="refresh"),
+    Operation("refresh-full", "full", steps=REVERT_STEPS, ci_steps=("revert",),
+              command="refresh"),
     Operation("refresh-fork", "instant", "fork", ("remove-old", *CHILD_STEPS, "provision"),
               ci_steps=("clone",), command="refresh"),
     Operation("rebalance", "linked", steps=MOVE_STEPS, ci_steps=("redefine",),

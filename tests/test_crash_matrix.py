@@ -1,9 +1,9 @@
 """The crash matrix: labctl killed after a step of each operation, then `labctl apply`.
 
 For every operation (linked, full, instant child by fork and by restore, parent VM
-build by fork and by restore, refresh of a linked and of a fork desktop, a rebalance
-move of a linked desktop's disk, a recompose onto another image version) and every
-step in LABCTL_CRASH_MATRIX=full, or a subset of steps in CI, a case kills labctl
+build by fork and by restore, refresh of a linked, a full and a fork desktop, a
+rebalance move of a linked desktop's disk, a recompose onto another image version)
+and every step in LABCTL_CRASH_MATRIX=full, or a subset of steps in CI, a case kills labctl
 with SIGKILL right after the step and checks that the next apply (for the
 rebalance-again row, the next rebalance) converges to the inventory and leaves no
 orphan. Converged means that the desktop is ready. A refreshed, moved or recomposed

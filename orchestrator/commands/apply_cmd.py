@@ -223,15 +223,18 @@ def _print_status(data: dict) -> None:
         for desktop in pool["desktops"]:
             ssh = desktop["ssh"]
             session = desktop["session"] or {"user": "", "since": ""}
+            snapshot = desktop.get("snapshot")
             rows.append((
                 desktop["name"], pool["name"], desktop["clone"], desktop["state"],
                 desktop["mac"], desktop["hostname"], desktop["machine_id"][:12],
                 f"127.0.0.1:{ssh['port']}" if ssh else "", f"{desktop['ready_seconds']:.1f}",
                 desktop["assigned_to"], session["user"], session["since"],
+                _age(snapshot["age_seconds"]) if snapshot else "",
             ))
     output.print_table(f"inventory {data['inventory']}",
                        ("desktop", "pool", "clone", "state", "MAC", "hostname", "machine-id",
-                        "SSH", "ready s", "assigned", "session", "since"), rows)
+                        "SSH", "ready s", "assigned", "session", "since", "snapshot age"),
+                       rows)
 
 
 def _print_stopped(path: Path, data: dict) -> None:

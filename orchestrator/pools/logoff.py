@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import libvirt
 
 from orchestrator import recompose
-from orchestrator.apply import recreate_desktop
+from orchestrator.apply import refresh_desktop
 from orchestrator.errors import LabctlError
 from orchestrator.hosts.context import HostContext
 from orchestrator.identity import keys
@@ -117,7 +117,7 @@ def _refresh(inventory: Inventory, ctx: HostContext, result: Release,
         if record is None or not recompose.recompose_on_release(
                 ctx, inventory.name, domain, record, action.request, on_event):
             access_key = keys.access_key(inventory.name, create=False)
-            recreate_desktop(ctx, inventory.name, action.request, access_key, on_event)
+            refresh_desktop(ctx, inventory.name, action.request, access_key, on_event)
     finally:
         plan.close()
     return ctx.conn.lookupByName(result.desktop)

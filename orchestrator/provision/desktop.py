@@ -15,11 +15,12 @@ from orchestrator import journal
 from orchestrator.domain import (
     DirectBoot, Disk, DiskLayer, DomainSpec, Interface, UserNetwork, render_domain,
 )
-from orchestrator.errors import ConflictError
+from orchestrator.errors import ConflictError, LabctlError
+from orchestrator.hosts.connection import is_local
 from orchestrator.hosts.context import HostContext
 from orchestrator.identity import keys
 from orchestrator.identity.desktop import DesktopIdentity, UserAccount, build_seed, new_uuid
-from orchestrator.provision import readiness
+from orchestrator.provision import readiness, snapshot
 from orchestrator.provision.request import DesktopRequest
 from orchestrator.provision.steps import EventSink, Step, run_steps
 from orchestrator.state import metadata
@@ -79,7 +80,7 @@ class Provisioning:
     kept: KeptIdentity | None = None
 
     def steps(self) -> list[Step]:
-        return [
+        steps = [
             Step("check", self.check_name),
             Step("identity", self.make_identity),
             Step("os-disk", self.create_os_disk, self.remove_os_disk),
@@ -87,8 +88,10 @@ class Provisioning:
             Step("define", self.define, self.undefine),
             Step("start", self.start, self.stop),
             Step("ready", self.wait_ready),
-            Step("record", self.record_ready),
         ]
+        if self.request.clone == "full":
+            steps.append(Step("snapshot", self.take_snapshot))
+        return steps + [Step("record", self.record_ready)]
 
     def run(self) -> DesktopRecord:
         started = time.monotonic()
@@ -273,6 +276,26 @@ class Provisioning:
                                       timeout=self.request.ready_timeout)
         self.timings["boot_to_ready"] = result.total
         self.timings["agent"] = result.agent_seconds
+
+    def take_snapshot(self) -> None:
+        """Take the post-customization snapshot that a refresh reverts to (full clones).
+
+        A desktop without it is still usable: its refresh copies the image again. So a
+        failure is logged, not raised.
+        """
+        assert self.domain is not None and self.record is not None
+        if not is_local(self.ctx.settings.uri):
+            log.info("%s: no post-customization snapshot on remote host %s: the revert "
+                     "runs qemu-img on this machine", self.request.name, self.ctx.settings.uri)
+            return
+        started = time.monotonic()
+        try:
+            snapshot.take_snapshot(self.domain, self.os_disk, self.record)
+        except (LabctlError, libvirt.libvirtError) as exc:
+            log.warning("%s: taking the post-customization snapshot failed, so a refresh "
+                        "will copy the image again: %s", self.request.name, exc)
+            return
+        self.timings["snapshot"] = time.monotonic() - started
 
     def record_ready(self) -> None:
         assert self.domain is not None and self.record is not None

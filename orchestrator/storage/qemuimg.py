@@ -124,3 +124,24 @@ def rebase(path: str | Path, backing: str | Path, backing_format: str) -> None:
     argv = [QEMU_IMG, "rebase", "-u", "-f", "qcow2", "-F", backing_format, "-b", str(backing),
             str(path)]
     _run(argv, what="re-pointing the overlay (qemu-img rebase)", path=str(path))
+
+
+def snapshot_names(path: str | Path) -> list[str]:
+    """Return the names of the internal snapshots of the qcow2 image ``path``.
+
+    ``-U`` reads the header without the image lock, so a running guest's disk is listed too.
+    """
+    path = str(path)
+    out = _run([QEMU_IMG, "info", "--output=json", "-U", path],
+               what="reading the image (qemu-img info)", path=path)
+    return [entry["name"] for entry in json.loads(out).get("snapshots", [])]
+
+
+def apply_snapshot(path: str | Path, name: str) -> None:
+    """Revert the qcow2 image ``path`` to its internal snapshot ``name`` (``snapshot -a``).
+
+    The image must not be open: qemu-img takes its write lock.
+    """
+    path = str(path)
+    _run([QEMU_IMG, "snapshot", "-a", name, path],
+         what=f"reverting to internal snapshot {name} (qemu-img snapshot -a)", path=path)
