@@ -276,7 +276,7 @@ def find_snapshot_refresh_leftovers(sweep: Sweep, ctx: HostContext,
     re-creates it with a new copy of the image. The domain keeps its name, UUID and MAC.
     """
     name = operation.artifacts.domain
-    domain = _lookup(ctx, name)
+    domain = lookup_domain(ctx, name)
     record = metadata.read(domain) if domain is not None else None
     if record is None or record.inventory != operation.inventory or record.state == "ready":
         return
