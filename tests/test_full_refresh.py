@@ -6,17 +6,16 @@ after ready is on the qcow2 disk, and a revert to the snapshot removes it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import stat
 import subprocess
 from pathlib import Path
 
-import libvirt
 import pytest
 import yaml
 from conftest import TEST_POOL, TEST_POOL_PATH, URI, run_labctl, unique_name
+from test_rebalance import remove_storage_pool
 from test_recompose import pin, two_versions  # noqa: F401 (two_versions is a fixture)
 
 from orchestrator.provision.snapshot import SNAPSHOT_NAME
@@ -70,6 +69,11 @@ def write_marker(path: Path, name: str) -> str:
     return guest(path, name, "cat /proc/sys/kernel/random/boot_id").stdout.strip()
 
 
+def assert_marker_gone(path, name: str, after: str) -> None:
+    listed = guest(path, name, f"test -e {MARKER} && echo present || echo absent")
+    assert "absent" in listed.stdout, f"the marker survived {after}: {listed.stdout}"
+
+
 def identity(status: dict) -> dict:
     """The parts of a desktop a refresh must keep."""
     return {key: status[key] for key in ("uuid", "mac", "hostname", "machine_id", "seed",
@@ -99,8 +103,7 @@ def test_full_refresh_reverts_snapshot(make_inventory):
     assert after["disk"]["path"] == disk
     assert os.stat(disk).st_ino == inode, "the OS disk is a new file"
     assert snapshot_names(disk) == [SNAPSHOT_NAME], "the revert lost the snapshot"
-    listed = guest(path, name, f"ls /data; test -e {MARKER} && echo present || echo absent")
-    assert "absent" in listed.stdout, f"the marker survived the refresh: {listed.stdout}"
+    assert_marker_gone(path, name, "the refresh")
     new_boot_id = guest(path, name, "cat /proc/sys/kernel/random/boot_id").stdout.strip()
     assert new_boot_id != boot_id, "the guest did not boot again"
 
@@ -121,8 +124,7 @@ def test_full_refresh_drops_managed_save(make_inventory):
     assert after["state"] == "running", f"{name} is {after['state']} after the refresh"
     new_boot_id = guest(path, name, "cat /proc/sys/kernel/random/boot_id").stdout.strip()
     assert new_boot_id != boot_id, "the saved memory was restored onto the reverted disk"
-    listed = guest(path, name, f"test -e {MARKER} && echo present || echo absent")
-    assert "absent" in listed.stdout, f"the marker survived the refresh: {listed.stdout}"
+    assert_marker_gone(path, name, "the refresh")
 
 
 def test_full_refresh_without_snapshot_copies(make_inventory):
@@ -149,8 +151,7 @@ def test_full_refresh_without_snapshot_copies(make_inventory):
     assert after["generation"] == before["generation"] + 1, "not re-created from the image"
     assert after["snapshot"] is not None, "the new copy took no snapshot"
     assert snapshot_names(after["disk"]["path"]) == [SNAPSHOT_NAME]
-    listed = guest(path, name, f"test -e {MARKER} && echo present || echo absent")
-    assert "absent" in listed.stdout, f"the marker survived the new copy: {listed.stdout}"
+    assert_marker_gone(path, name, "the new copy")
 
 
 def failing_qemu_img(directory: Path) -> dict[str, str]:
@@ -201,16 +202,7 @@ def other_storage(conn):
     name = unique_name("fsp")
     path = f"/var/lib/labctl/{name}"
     yield name, path
-    with contextlib.suppress(libvirt.libvirtError):
-        storage = conn.storagePoolLookupByName(name)
-        if storage.isActive():
-            storage.refresh(0)
-            for volume in storage.listAllVolumes(0):
-                volume.delete(0)
-            storage.destroy()
-        storage.undefine()
-    with contextlib.suppress(OSError):
-        os.rmdir(path)
+    remove_storage_pool(conn, name, path)
 
 
 def test_full_refresh_after_move(other_storage, make_inventory):
@@ -241,8 +233,7 @@ def test_full_refresh_after_move(other_storage, make_inventory):
     after = desktop(path, name)
     assert after["disk"]["path"] == disk
     assert identity(after) == identity(before), "the refresh changed the identity"
-    listed = guest(path, name, f"test -e {MARKER} && echo present || echo absent")
-    assert "absent" in listed.stdout, f"the marker survived the refresh: {listed.stdout}"
+    assert_marker_gone(path, name, "the refresh")
 
 
 def test_full_recompose_takes_new_snapshot(make_inventory, two_versions):
