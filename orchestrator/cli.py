@@ -13,6 +13,7 @@ import libvirt
 from orchestrator import __version__, output
 from orchestrator.errors import LabctlError
 from orchestrator.hosts.connection import libvirt_failure
+from orchestrator.provision import steps
 
 log = logging.getLogger("orchestrator")
 
@@ -125,8 +126,12 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("labctl: interrupted; desktops that were being provisioned were rolled back",
-              file=sys.stderr)
+        rolled_back = steps.interrupted_desktops()
+        if rolled_back:
+            print("labctl: interrupted; what was done for these desktops was rolled back: "
+                  + ", ".join(sorted(set(rolled_back))), file=sys.stderr)
+        else:
+            print("labctl: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # The reader of stdout went away: exit quietly, with the status a shell reports

@@ -7,6 +7,7 @@ plan is the same from any machine pointed at the same hosts.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from orchestrator.provision.request import DesktopRequest, NetworkSpec
 from orchestrator.state import events, metadata
 from orchestrator.state.metadata import DesktopRecord
 from orchestrator.storage import placement, qemuimg
+from orchestrator.storage import pool as storage_pool
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +290,28 @@ def open_inventory_host(inventory: Inventory, key: str) -> HostContext:
                         f"({exc.where})", fix=exc.fix) from exc
 
 
+def _check_storage_paths(inventory: Inventory, ctx: HostContext) -> None:
+    """Raise if a storage pool the host has already lives in another directory than the
+    inventory says: labctl would put the desktops' disks where the file does not say."""
+    host = inventory.hosts[ctx.settings.name]
+    wanted = {host.storage.pool: (host.storage.path, ("storage", "path"))}
+    for index, extra in enumerate(host.storage_pools):
+        wanted[extra.pool] = (extra.path, ("storage_pools", index, "path"))
+    for existing in ctx.existing_pools():
+        path, key = wanted[existing.name()]
+        actual = storage_pool.pool_path(existing)
+        if os.path.normpath(actual) == os.path.normpath(path):
+            continue
+        raise InventoryError(
+            f"storage pool {existing.name()} already exists on host {ctx.settings.name} "
+            f"with its directory at {actual}, not {path}",
+            where=inventory.where(("hosts", ctx.settings.name, *key)),
+            fix=f"write path: {actual}, or name another storage pool",
+        )
+
+
 def _check_host(inventory: Inventory, ctx: HostContext, requests: list[DesktopRequest]) -> None:
+    _check_storage_paths(inventory, ctx)
     if ctx.settings.ksm is not None and not facts.ksm_writable():
         raise InventoryError(
             f"ksm: {str(ctx.settings.ksm).lower()} needs a local host with a writable "

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TEST_POOL, TEST_POOL_PATH, URI, run_labctl
 
 from orchestrator.errors import ImageError
 from orchestrator.identity.registry import OPERATIONS
@@ -322,3 +323,40 @@ def test_host_check_empty_uri(tmp_path):
     result = labctl(tmp_path, "host", "check", "--uri", "")
     assert result.returncode == 2, result.stderr
     assert "the libvirt URI is empty" in result.stderr
+
+
+@pytest.mark.libvirt
+def test_plan_rejects_storage_pool_elsewhere(make_inventory):
+    """The test storage pool exists at TEST_POOL_PATH; the inventory names another path."""
+    elsewhere = "/var/lib/labctl/not-the-test-pool"
+    path = make_inventory(
+        {"lab": {"image": "tiny", "clone": "linked", "size": 1, "naming": "sp-{n}",
+                 "network": "lab"}},
+        hosts={"local": {"uri": URI, "storage": {"pool": TEST_POOL, "path": elsewhere}}})
+    result = run_labctl("plan", str(path))
+    assert result.returncode != 0, result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"storage pool {TEST_POOL} already exists" in lines[0], lines[0]
+    assert f"at {TEST_POOL_PATH}, not {elsewhere}" in lines[0], lines[0]
+    # The file's line of the path: key (line 5 of what make_inventory writes).
+    assert f"{path}:" in lines[0], lines[0]
+    assert "write path:" in lines[0], lines[0]
+    assert not os.path.exists(elsewhere), "plan created the directory it rejected"
+
+
+def test_interrupted_validate_claims_no_rollback(tmp_path):
+    """SIGTERM while validate waits on a FIFO: 'interrupted', no rollback claimed, exit 130."""
+    fifo = tmp_path / "inventory.yaml"
+    os.mkfifo(fifo)
+    process = subprocess.Popen([sys.executable, "-m", "orchestrator", "validate", str(fifo)],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        stdout, stderr = process.communicate(timeout=3)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130, f"exit {process.returncode}: {stderr}"
+    assert stderr.strip() == "labctl: interrupted", stderr
+    assert stdout == ""

@@ -1214,6 +1214,14 @@ def test_policy_defaults(tmp_path):
     assert pool.storage == []
 
 
+def test_up_front_accepts_zero_min(tmp_path):
+    """min: 0 and spare: 0 change nothing in an up-front pool, e.g. to override defaults:."""
+    pool = load_text(tmp_path, pool_yaml("provisioning: {mode: up-front, min: 0, spare: 0}"))
+    provisioning = pool.pools["lab"].provisioning
+    assert provisioning.mode == "up-front"
+    assert provisioning.min_desktops == 0
+
+
 def test_policies_parse(tmp_path):
     pool = load_text(tmp_path, pool_yaml(
         "provisioning: {mode: on-demand, min: 1, spare: 2, stop_on_error: false}",

@@ -16,8 +16,9 @@ import textwrap
 import pytest
 from conftest import REPO
 
-from orchestrator import journal
-from orchestrator.provision.steps import Step, StepFailed, run_steps
+from orchestrator import cancel, journal
+from orchestrator.provision.steps import (Step, StepFailed, interrupted_desktops,
+                                           run_steps)
 
 
 @pytest.fixture(autouse=True)
@@ -81,6 +82,20 @@ def test_failed_step_undone_and_closed():
     assert stored.state == journal.FAILED
     assert stored.step_state("make") == "undone"
     assert stored.step_state("break") == "failed"
+
+
+def test_interrupt_names_rolled_back_desktop():
+    """An interrupt after a done step undoes it and names the desktop for the CLI."""
+    undone: list[str] = []
+
+    def interrupt() -> None:
+        raise cancel.Cancelled("interrupted by the user")
+
+    steps = [Step("make", lambda: None, lambda: undone.append("make")), Step("wait", interrupt)]
+    with pytest.raises(StepFailed):
+        run_steps("d-interrupted", steps, ignore)
+    assert undone == ["make"]
+    assert "d-interrupted" in interrupted_desktops()
 
 
 def test_failed_undo_leaves_operation_running():

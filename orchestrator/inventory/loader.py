@@ -219,6 +219,12 @@ def _resolve_include(
             where=str(mark),
             fix="include the YAML files in it one by one",
         )
+    if os.path.exists(real) and not os.path.isfile(real):
+        raise InventoryError(
+            f"included path {target} is not a regular file (a FIFO, socket or device)",
+            where=str(mark),
+            fix="include a YAML file",
+        )
     if not os.path.isfile(real):
         raise InventoryError(
             f"included file {target} not found",

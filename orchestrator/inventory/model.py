@@ -204,8 +204,9 @@ class ProvisioningPolicy(StrictModel):
     @model_validator(mode="after")
     def _on_demand_only(self) -> ProvisioningPolicy:
         if self.mode == "up-front":
+            # 0 changes nothing, and lets an up-front pool override defaults: of on-demand ones.
             for key in ("min", "spare"):
-                if getattr(self, key) is not None:
+                if getattr(self, key) not in (None, 0):
                     raise labctl_error(
                         f"{key} applies only to mode: on-demand (up-front makes every desktop "
                         "at once)",
@@ -232,6 +233,17 @@ class AssignmentPolicy(StrictModel):
         True, description="dedicated: a user's first checkout assigns a free desktop; "
         "false: only labctl assign gives users desktops."
     )
+
+    @model_validator(mode="after")
+    def _automatic_needs_dedicated(self) -> AssignmentPolicy:
+        if "automatic" in self.model_fields_set and self.type != "dedicated":
+            raise labctl_error(
+                "automatic applies only to type: dedicated; a floating desktop goes to "
+                "whoever checks it out and is never assigned",
+                fix="remove automatic: or set type: dedicated",
+                field="automatic",
+            )
+        return self
 
 
 class RecomposePolicy(StrictModel):

@@ -101,6 +101,13 @@ def parse_pattern(text: str) -> NamePattern:
     width = int(number.group(1) or 0)
     pattern = NamePattern(prefix=literals[0], suffix=literals[1], width=width)
     _check_dashes(text, pattern)
+    literal = pattern.prefix + pattern.suffix
+    if not literal or literal.isdigit():
+        raise NamingError(
+            f"name pattern {text!r} makes names of digits only, which Windows rejects as "
+            "computer names",
+            fix="add a letter, as in lab-{n}",
+        )
     return pattern
 
 
@@ -157,6 +164,9 @@ def check_desktop_name(name: str) -> None:
         raise NamingError(
             f"desktop name {name!r} is invalid", fix=f"desktop names use {DESKTOP_NAME_RULE}"
         )
+    if name.isdigit():
+        raise NamingError(f"desktop name {name!r} has digits only, which Windows rejects "
+                          "as a computer name", fix="add a letter to the name")
 
 
 def expand_names(pool: Pool) -> list[str]:

@@ -138,7 +138,7 @@ def _type_fix(kind: str, value: Any) -> str:
         return "quote the value to make it a string"
     if kind == "string_type" and isinstance(value, dict):
         return "quote the whole value: YAML reads 'word: text' as a mapping"
-    if kind == "int_type" and isinstance(value, str):
+    if kind == "int_type" and isinstance(value, str) and value.isascii() and value.isdigit():
         return "write the number without quotes"
     if kind == "int_type":
         return "write a whole number such as 2"
@@ -154,6 +154,9 @@ def _not_a_choice(
 ) -> InventoryError:
     choices = re.findall(r"'([^']*)'", expected)
     hint = did_you_mean(value, choices) if isinstance(value, str) else None
+    if isinstance(value, bool):
+        hint = ("YAML reads an unquoted on, off, yes or no as a boolean, so write one of the "
+                "expected values")
     message = f"expected {join_choices(choices)}, got {_shown(path, value)}"
     return _error(path, message, positions, hint)
 

@@ -46,6 +46,16 @@ class StepFailed(LabctlError):
 EventSink = Callable[[str, str, str], None]
 
 
+# Desktops whose steps an interrupt (Ctrl-C, SIGTERM) undid in this process, for the
+# CLI's last message.
+_interrupted: list[str] = []
+
+
+def interrupted_desktops() -> list[str]:
+    """Return the desktops whose done steps were undone because of an interrupt."""
+    return list(_interrupted)
+
+
 def run_steps(desktop: str, steps: list[Step], on_event: EventSink,
               operation: journal.Operation | None = None) -> None:
     """Run ``steps`` in order; on failure undo the done ones and raise StepFailed.
@@ -69,6 +79,8 @@ def run_steps(desktop: str, steps: list[Step], on_event: EventSink,
             # process has ended, removes what is left by name.
             if operation is not None and undone:
                 journal.finish(operation, journal.FAILED)
+            if done and isinstance(exc, (KeyboardInterrupt, cancel.Cancelled)):
+                _interrupted.append(desktop)
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             # An inner sequence of the same desktop (a refresh's provisioning) already named
