@@ -101,7 +101,7 @@ def arguments(target: Target, epoch: float) -> list[str]:
 def start(domain: libvirt.virDomain, target: Target) -> Pending:
     """Start ClonePrep in the guest and return at once (the NIC can be plugged meanwhile).
 
-    The hostname is the script's first identity step, so a DHCP request from the
+    The hostname is the script's first step, so a DHCP request from the
     NIC plugged afterwards carries the child's name, not the parent's.
     """
     key = target.identity.ssh_host_key.private.encode()

@@ -17,6 +17,16 @@ step() {
     echo "step $1 $uptime"
 }
 
+step hostname
+# First, before the NIC that labctl plugs in meanwhile asks DHCP for an address with the
+# guest's hostname. Its writes are shell builtins, so the step is quick.
+echo "$name" >/etc/hostname
+echo "$name" >/proc/sys/kernel/hostname
+printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s %s\n' "$fqdn" "$name" >/etc/hosts
+if [ "$profile" = systemd ]; then
+    printf '::1\tlocalhost ip6-localhost ip6-loopback\n' >>/etc/hosts
+fi
+
 step clock
 date -u -s "@$epoch" >/dev/null
 
@@ -27,14 +37,6 @@ printf '%s' "$seed" >/dev/urandom
 if [ "$profile" = systemd ] && command -v perl >/dev/null; then
     perl -e 'open(my $f, ">", "/dev/urandom") or die "$!\n";
              ioctl($f, 0x5207, 0) or die "RNDRESEEDCRNG: $!\n"'
-fi
-
-step hostname
-echo "$name" >/etc/hostname
-echo "$name" >/proc/sys/kernel/hostname
-printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s %s\n' "$fqdn" "$name" >/etc/hosts
-if [ "$profile" = systemd ]; then
-    printf '::1\tlocalhost ip6-localhost ip6-loopback\n' >>/etc/hosts
 fi
 
 step machine-id
