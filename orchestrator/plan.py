@@ -161,9 +161,11 @@ def desktop_requests(inventory: Inventory, images: dict[str, ImageVersion | None
             for user in pool.identity.users
         )
         ready_timeout = _ready_timeout(hosts.get(pool.host))
-        instant = ""
+        instant, tcg_cache_mib = "", 0
         if pool.clone == "instant" and pool.host in hosts:
+            assert pool.instant is not None
             instant = _instant_method(inventory, pool_key, hosts[pool.host])
+            tcg_cache_mib = pool.instant.tcg_cache // MIB
         for member in layouts[pool_key].desktops:
             name, number = member.name, member.number
             requests.append(DesktopRequest(
@@ -177,6 +179,7 @@ def desktop_requests(inventory: Inventory, images: dict[str, ImageVersion | None
                 ready_timeout=ready_timeout,
                 inventory_path=str(Path(inventory.path).resolve()),
                 instant=instant, share_memory=pool.hardware.share_memory,
+                tcg_cache_mib=tcg_cache_mib,
             ))
     return requests
 

@@ -272,6 +272,17 @@ def test_retarget_identity():
     assert root.get("type") == "qemu"
 
 
+def test_retarget_tcg_cache():
+    xml = parent_xml().replace(
+        "</devices>", "</devices><features><tcg><tb-cache unit='MiB'>256</tb-cache></tcg>"
+        "</features>")
+    assert retarget(xml).findtext("features/tcg/tb-cache") == "256", "0 must keep the parent's"
+    cache = retarget(xml, tcg_cache_mib=64).find("features/tcg/tb-cache")
+    assert cache.text == "64"
+    assert cache.get("unit") == "MiB"
+    assert retarget(tcg_cache_mib=64).find("features/tcg") is None, "a KVM domain has none"
+
+
 def test_retarget_without_genid():
     root = retarget(parent_xml(genid=False))
     assert root.find("genid") is None, "a genid must not appear where the parent had none"

@@ -120,6 +120,7 @@ class ChildProvisioning(Provisioning):
             image.xml, name=spec.name, uuid=spec.uuid, title=spec.title, genid=spec.genid,
             metadata_xml=spec.metadata_xml, console_log=spec.console_log,
             disks={disk.target: disk for disk in self.disks()},
+            tcg_cache_mib=spec.tcg_cache_mib,
         )
         paths.ensure_private_dir(Path(FIFO_DIR))
         return savefile.restore_child(self.ctx.conn, image, xml, workdir=FIFO_DIR,

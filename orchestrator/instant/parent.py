@@ -116,7 +116,7 @@ def parent_request(request: DesktopRequest, name: str) -> DesktopRequest:
     """Derive the parent's request from a child's: same image, hardware and users, no NIC."""
     return dataclasses.replace(
         request, name=name, index=0, hostname=name,
-        network=NetworkSpec(name="", mode="none"), run_once=(),
+        network=NetworkSpec(name="", mode="none"), run_once=(), tcg_cache_mib=0,
     )
 
 

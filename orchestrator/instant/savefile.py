@@ -197,7 +197,8 @@ def child_header(image: SaveImage, xml: str) -> bytes:
 
 
 def retarget_xml(xml: str, *, name: str, uuid: str, title: str, genid: str,
-                 metadata_xml: str, disks: dict[str, Disk], console_log: str) -> str:
+                 metadata_xml: str, disks: dict[str, Disk], console_log: str,
+                 tcg_cache_mib: int = 0) -> str:
     """Rewrite the parent's saved (live) domain XML into the child's.
 
     The child gets its own name, UUID, title, genid (only where the parent has a
@@ -205,7 +206,8 @@ def retarget_xml(xml: str, *, name: str, uuid: str, title: str, genid: str,
     element of the parent (its desktop or parent VM record) is replaced by
     ``metadata_xml``. Each disk whose <target dev> is a key of ``disks`` is pointed at
     that Disk (source, driver type, backing chain, read-only flag), and a key that
-    matches no disk raises ImageError. The live-only ``id`` attribute goes. Everything
+    matches no disk raises ImageError. A TCG domain's translated-code cache becomes
+    ``tcg_cache_mib`` when that is not 0. The live-only ``id`` attribute goes. Everything
     else stays, because the devices must match the migration stream. The caller must
     retarget every writable disk: one left alone is still the parent's file.
     """
@@ -220,6 +222,10 @@ def retarget_xml(xml: str, *, name: str, uuid: str, title: str, genid: str,
     for target, disk in disks.items():
         _retarget_disk(_find_disk(root, target), target, disk)
     _set_console_log(root, console_log)
+    cache = root.find("features/tcg/tb-cache")
+    if tcg_cache_mib and cache is not None:
+        cache.attrib["unit"] = "MiB"
+        cache.text = str(tcg_cache_mib)
     return ET.tostring(root, encoding="unicode")
 
 

@@ -178,6 +178,11 @@ class InstantOptions(StrictModel):
     method: Literal["fork", "restore"] = Field(
         "fork", description="fork: QEMU VM templating; restore: libvirt save image per child."
     )
+    tcg_cache: TcgCacheSize = Field(
+        64 * MIB, description="Under TCG (no KVM): each child's translated-code cache. A "
+        "child starts from a booted guest, so it translates far less code than a boot and "
+        "gets a smaller cache than hosts.NAME.tcg_cache, which its parent VM boots with.",
+    )
 
 
 class ProvisioningPolicy(StrictModel):

@@ -378,7 +378,7 @@ class Provisioning:
             emulator=self.ctx.emulator,
             extra_qemu_args=extra_args,
             share_pages=request.share_memory,
-            tcg_cache_mib=self.ctx.settings.tcg_cache_mib,
+            tcg_cache_mib=request.tcg_cache_mib or self.ctx.settings.tcg_cache_mib,
         )
 
     def metadata_xml(self, record: DesktopRecord) -> str:

@@ -45,6 +45,8 @@ class DesktopRequest:
     # Instant clones: the method their children are made with on this host.
     instant: str = ""
     share_memory: bool = True
+    # Under TCG, the translated-code cache in MiB (0: the host's tcg_cache).
+    tcg_cache_mib: int = 0
     # The storage pool of the desktop's volumes (empty: the host's own); plan places it.
     storage_pool: str = ""
 
@@ -80,7 +82,7 @@ class DesktopRequest:
         data["image"] = self.image.ref
         # Hardware changes are applied in place (see hardware_hash), not by re-creating.
         for volatile in ("name", "index", "ready_timeout", "vcpus", "memory_bytes",
-                         "inventory_path", "storage_pool"):
+                         "inventory_path", "storage_pool", "tcg_cache_mib"):
             data.pop(volatile)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
