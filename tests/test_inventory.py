@@ -1325,3 +1325,23 @@ def test_host_limits(tmp_path):
     text = "hosts:\n  local:\n    uri: qemu:///system\n    limits: {power: 0}\n" + pool_yaml()
     error = load_error(tmp_path, text)
     assert error.where == at(tmp_path, 4), error
+
+
+def test_host_ready_timeout_duration(tmp_path):
+    text = "hosts:\n  local:\n    uri: qemu:///system\n    ready_timeout: 20m\n" + pool_yaml()
+    assert load_text(tmp_path, text).hosts["local"].ready_timeout == 1200
+
+
+@pytest.mark.parametrize("value", ["0", "2d"])
+def test_host_ready_timeout_range(tmp_path, value):
+    text = f"hosts:\n  local:\n    uri: qemu:///system\n    ready_timeout: {value}\n" + pool_yaml()
+    error = load_error(tmp_path, text)
+    assert error.where == at(tmp_path, 4), error
+    assert "is outside 1 to 86400 s" in error.message, error.message
+
+
+def test_host_tcg_cache_bound(tmp_path):
+    text = "hosts:\n  local:\n    uri: qemu:///system\n    tcg_cache: 1PiB\n" + pool_yaml()
+    error = load_error(tmp_path, text)
+    assert error.where == at(tmp_path, 4), error
+    assert "above the maximum of 2GiB" in error.message, error.message

@@ -412,31 +412,33 @@ def format_size(size: int) -> str:
     return f"{size} bytes"
 
 
-def _size_range(minimum: int) -> Callable[[int], int]:
+def _size_range(minimum: int, maximum: int = 0) -> Callable[[int], int]:
+    maximum = maximum or MAX_SIZE
+
     def check(size: int) -> int:
         if size < minimum:
             raise labctl_error(
                 f"size {format_size(size)} is below the minimum of {format_size(minimum)}",
                 fix=f"use {format_size(minimum)} or more",
             )
-        if size > MAX_SIZE:
+        if size > maximum:
             # str() of an int of more than 4300 digits raises, so huge sizes are not shown.
             size_text = str(size) if size.bit_length() <= 128 else "of more than 38 digits"
             raise labctl_error(
-                f"size {size_text} is above the maximum of {format_size(MAX_SIZE)}",
-                fix=f"use {format_size(MAX_SIZE)} or less",
+                f"size {size_text} is above the maximum of {format_size(maximum)}",
+                fix=f"use {format_size(maximum)} or less",
             )
         return size
 
     return check
 
 
-def size_type(minimum: int, description: str) -> Any:
-    """Build the annotated type of a size field stored as int bytes."""
+def size_type(minimum: int, description: str, maximum: int = 0) -> Any:
+    """Build the annotated type of a size field stored as int bytes (``maximum`` 0: MAX_SIZE)."""
     return Annotated[
         int,
         BeforeValidator(parse_size),
-        AfterValidator(_size_range(minimum)),
+        AfterValidator(_size_range(minimum, maximum)),
         WithJsonSchema(
             {
                 "anyOf": [
@@ -474,15 +476,26 @@ def parse_duration(value: Any) -> int:
     return seconds
 
 
-def duration_type(description: str) -> Any:
+def _duration_range(minimum: int, maximum: int) -> Callable[[int], int]:
+    def check(seconds: int) -> int:
+        if not minimum <= seconds <= maximum:
+            raise labctl_error(f"duration of {seconds} s is outside {minimum} to {maximum} s",
+                               fix=f"use a duration from {minimum} to {maximum} seconds")
+        return seconds
+
+    return check
+
+
+def duration_type(description: str, minimum: int = 0, maximum: int = MAX_DURATION) -> Any:
     """Build the annotated type of a duration field stored as int seconds."""
     return Annotated[
         int,
         BeforeValidator(parse_duration),
+        AfterValidator(_duration_range(minimum, maximum)),
         WithJsonSchema(
             {
                 "anyOf": [
-                    {"type": "integer", "minimum": 0, "maximum": MAX_DURATION},
+                    {"type": "integer", "minimum": minimum, "maximum": maximum},
                     {"type": "string", "pattern": r"^\s*\d+\s*[smhd]?\s*$"},
                 ],
                 "description": f"{description} Seconds, or a number with a unit: "

@@ -51,9 +51,11 @@ BUILD_RECIPES = ("debian12", "tiny")
 
 MemorySize = size_type(MIN_MEMORY, "Guest memory.")
 DiskSize = size_type(MIN_DISK, "Virtual size of the desktop's disk; default: the image's size.")
-TcgCacheSize = size_type(32 * MIB, "TCG translated-code cache.")
+TcgCacheSize = size_type(32 * MIB, "TCG translated-code cache.", maximum=2048 * MIB)
 RefreshSize = size_type(MIB, "OS disk overlay size that triggers a refresh.")
 GraceSeconds = duration_type("Grace period.")
+ReadyTimeout = duration_type("Time from a desktop's start to ready.", minimum=1,
+                             maximum=86400)
 
 
 class StrictModel(BaseModel):
@@ -104,8 +106,8 @@ class Host(StrictModel):
         None, description="true/false: turn the host's kernel same-page merging on/off at "
         "apply (host-wide; local hosts only). Unset: leave it as it is.",
     )
-    ready_timeout: Annotated[int, Field(ge=1, le=86400)] | None = Field(
-        None, description="Seconds a desktop may take from its start to ready (guest agent, "
+    ready_timeout: ReadyTimeout | None = Field(
+        None, description="Time a desktop may take from its start to ready (guest agent, "
         "identity, SSH login). Unset: 300 under KVM, 1200 under TCG.",
     )
 
