@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import re
 import signal
@@ -90,6 +92,18 @@ def one_line(text: str) -> str:
     return _LINE_BREAKING.sub(lambda match: ascii(match.group())[1:-1], text)
 
 
+def _error(args: argparse.Namespace, exc: LabctlError) -> int:
+    """Print the error on stderr and, with ``-o json``, as a last JSON line on stdout."""
+    text = one_line(str(exc))
+    print(f"labctl: error: {text}", file=sys.stderr)
+    if getattr(args, "output", None) == "json":
+        with contextlib.suppress(BrokenPipeError):
+            sys.stdout.write(json.dumps({"event": "error", "error": text,
+                                         "exit_code": exc.exit_code}) + "\n")
+            sys.stdout.flush()
+    return exc.exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
     # SIGPIPE stays ignored, as Python sets it: with the default action, a write to the
     # socket of a libvirtd that went away, or to a restore pipe, would kill labctl without
@@ -111,13 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except LabctlError as exc:
-        print(f"labctl: error: {one_line(str(exc))}", file=sys.stderr)
-        return exc.exit_code
+        return _error(args, exc)
     except libvirt.libvirtError as exc:
         # A libvirt call that no command wrapped, e.g. after libvirtd went away mid-run.
-        error = libvirt_failure("a libvirt call failed", exc)
-        print(f"labctl: error: {error}", file=sys.stderr)
-        return error.exit_code
+        return _error(args, libvirt_failure("a libvirt call failed", exc))
     except (NotADirectoryError, FileExistsError, PermissionError) as exc:
         # A state or data directory that is a file, or not writable, e.g. a wrong
         # LABCTL_DATA_DIR or LABCTL_STATE_DIR.

@@ -360,3 +360,16 @@ def test_interrupted_validate_claims_no_rollback(tmp_path):
     assert process.returncode == 130, f"exit {process.returncode}: {stderr}"
     assert stderr.strip() == "labctl: interrupted", stderr
     assert stdout == ""
+
+
+def test_json_error_line(tmp_path):
+    """With -o json, an error is also the last stdout line, as JSON, for scripts."""
+    missing = tmp_path / "missing.yaml"
+    result = subprocess.run([sys.executable, "-m", "orchestrator", "status", str(missing),
+                             "-o", "json"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("labctl: error: "), result.stderr
+    event = json.loads(result.stdout.strip().splitlines()[-1])
+    assert event["event"] == "error"
+    assert "inventory file not found" in event["error"]
+    assert event["exit_code"] == 2
