@@ -294,8 +294,8 @@ def open_inventory_host(inventory: Inventory, key: str) -> HostContext:
 
 
 def _check_storage_paths(inventory: Inventory, ctx: HostContext) -> None:
-    """Raise if a storage pool the host has already lives in another directory than the
-    inventory says: labctl would put the desktops' disks where the file does not say."""
+    """Raise if a storage pool that the host already has is in another directory than the
+    inventory's path, because the desktops' disks would not go where the file puts them."""
     host = inventory.hosts[ctx.settings.name]
     wanted = {host.storage.pool: (host.storage.path, ("storage", "path"))}
     for index, extra in enumerate(host.storage_pools):
