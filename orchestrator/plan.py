@@ -297,11 +297,11 @@ def _check_storage_paths(inventory: Inventory, ctx: HostContext) -> None:
     """Raise if a storage pool that the host already has is in another directory than the
     inventory's path, because the desktops' disks would not go where the file puts them."""
     host = inventory.hosts[ctx.settings.name]
-    wanted = {host.storage.pool: (host.storage.path, ("storage", "path"))}
+    expected_paths = {host.storage.pool: (host.storage.path, ("storage", "path"))}
     for index, extra in enumerate(host.storage_pools):
-        wanted[extra.pool] = (extra.path, ("storage_pools", index, "path"))
+        expected_paths[extra.pool] = (extra.path, ("storage_pools", index, "path"))
     for existing in ctx.existing_pools():
-        path, key = wanted[existing.name()]
+        path, key = expected_paths[existing.name()]
         actual = storage_pool.pool_path(existing)
         if os.path.normpath(actual) == os.path.normpath(path):
             continue

@@ -73,7 +73,8 @@ def profile_for(image_identity: str) -> str:
 
 
 def clock_value(profile: str, epoch: float) -> str:
-    """The ``date -s @VALUE`` for ``epoch``: GNU date takes milliseconds, busybox only seconds."""
+    """Return the ``date -s @VALUE`` text for ``epoch``: GNU date takes milliseconds,
+    busybox only whole seconds."""
     return str(round(epoch)) if profile == "tiny" else f"{epoch:.3f}"
 
 
@@ -160,10 +161,10 @@ def _run_once(domain: libvirt.virDomain, commands: tuple[str, ...]) -> None:
 def verify(domain: libvirt.virDomain, target: Target) -> None:
     """Step the clock once more, read each identity value back; raise GuestError on a mismatch.
 
-    The script set the time it was handed at its start, which a busy host can deliver
-    seconds late. The time sent with the read-back is taken just before its exec, which
-    runs in a guest whose code TCG has translated by now, so it arrives within tens of
-    milliseconds; guest-set-time would also run hwclock in the guest, which costs more.
+    The script set the time it was given at its start, which a busy host can deliver
+    seconds late. The time sent with the read-back is taken just before its exec. By now
+    TCG has translated the guest's code, so the exec starts quickly (tens of milliseconds
+    were measured). guest-set-time is not used because it also runs hwclock in the guest.
     """
     identity = target.identity
     lines = _step_clock_and_read(domain, target).split()

@@ -18,7 +18,7 @@ step() {
 }
 
 step hostname
-# First, before the NIC that labctl plugs in meanwhile asks DHCP for an address with the
+# First, because the NIC that labctl plugs in meanwhile sends a DHCP request with the
 # guest's hostname. Its writes are shell builtins, so the step is quick.
 echo "$name" >/etc/hostname
 echo "$name" >/proc/sys/kernel/hostname
